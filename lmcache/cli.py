@@ -1,0 +1,80 @@
+"""The ``lmcache`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _plugins_list(args: argparse.Namespace) -> int:
+    from lmcache.plugin.registry import KINDS, PluginError, plugin_modules, registry
+
+    rows = [("KIND", "NAME", "DISTRIBUTION", "STATUS")]
+    for kind in KINDS:
+        for entry in registry.entries(kind):
+            if args.no_load:
+                status = "not loaded"
+            else:
+                try:
+                    registry.load(kind, entry.name)
+                    status = "ok"
+                except PluginError as exc:
+                    status = f"error: {exc}"
+            rows.append((kind, entry.name, entry.distribution, status))
+    for name, value, distribution in plugin_modules():
+        rows.append(("hooks", name, distribution, value))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    from lmcache.experimental.config import ConfigError, LMCacheEngineConfig
+
+    try:
+        config = LMCacheEngineConfig.from_file(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    tiers = ", ".join(s.name for s in config.storage_backend_specs()) or "(none)"
+    print(f"{args.file}: ok (chunk_size {config.chunk_size}; tiers: {tiers})")
+    return 0
+
+
+def _config_schema(args: argparse.Namespace) -> int:
+    from lmcache.experimental.config import config_json_schema
+
+    print(json.dumps(config_json_schema(), indent=2, sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmcache", description="lmcache KV-cache engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    plugins = sub.add_parser("plugins", help="inspect installed plugins")
+    psub = plugins.add_subparsers(dest="plugins_command", required=True)
+    plist = psub.add_parser("list", help="list components and hook modules, and whether they load")
+    plist.add_argument("--no-load", action="store_true", help="do not import plugin code")
+    plist.set_defaults(func=_plugins_list)
+
+    config = sub.add_parser("config", help="check configuration files")
+    csub = config.add_subparsers(dest="config_command", required=True)
+    check = csub.add_parser("check", help="validate a YAML configuration file")
+    check.add_argument("file")
+    check.set_defaults(func=_config_check)
+    schema = csub.add_parser("schema", help="print the JSON schema of the configuration")
+    schema.set_defaults(func=_config_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""LMCache Experimental: the engine, its configuration and its component interfaces."""

@@ -1,0 +1,1 @@
+"""Storage tiers: the backend interface, the storage manager and the built-in tiers."""

@@ -1,0 +1,1 @@
+"""Adapters between lmcache and serving engines (vLLM, Hugging Face transformers)."""

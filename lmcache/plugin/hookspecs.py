@@ -1,0 +1,201 @@
+"""Hook specifications: what a ``lmcache.plugins`` module can implement.
+
+Components that the engine *calls* (allocators, connectors, token databases, storage
+backends, serdes) are classes found through entry points and chosen by name in YAML:
+see :mod:`lmcache.plugin.registry`. Hooks are for everything around them —
+registering components at run time, looking at the configuration, following an
+engine's life, and observing what happens to chunks. The engine calls hooks once per
+operation on a batch of chunks, never per token, so an implementation may do modest
+work (update a counter, record a latency) but must not block.
+
+Every hook is called with keyword arguments. An implementation may accept any subset
+of a hook's arguments, so new arguments can be added without breaking it. Hook
+exceptions are not caught: an observer that raises stops the operation it observes.
+
+Implement hooks in a module and publish it under the ``lmcache.plugins`` group::
+
+    # acme_lmcache/hooks.py
+    from lmcache.plugin import hookimpl
+
+    @hookimpl
+    def lmcache_chunks_stored(tier, keys, num_bytes):
+        STORED_BYTES.labels(tier).inc(num_bytes)
+
+    # pyproject.toml
+    [project.entry-points."lmcache.plugins"]
+    acme = "acme_lmcache.hooks"
+
+Set ``LMCACHE_DISABLE_PLUGINS`` to a comma-separated list of entry-point names (or
+``all``) to keep such modules from loading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from lmcache.experimental.config import LMCacheEngineConfig, LMCacheEngineMetadata
+    from lmcache.plugin.registry import Registry
+    from lmcache.utils import CacheEngineKey
+
+hookspec = pluggy.HookspecMarker("lmcache")
+
+# ---------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def lmcache_register_components(registry: Registry) -> None:
+    """Register components that are not published as entry points.
+
+    Called once, when the plugin manager is first created, after every
+    ``lmcache.plugins`` module is loaded. Use it for components whose class is only
+    known at run time (generated classes, test doubles)::
+
+        @hookimpl
+        def lmcache_register_components(registry):
+            registry.register("storage_backend", "acme.tmp", TmpBackend, "acme-lmcache")
+
+    A component registered here under a name that an installed distribution also
+    publishes makes that name ambiguous: selecting it is a
+    :class:`~lmcache.plugin.registry.DuplicatePluginError`.
+
+    :param registry: the process-wide :class:`~lmcache.plugin.registry.Registry`.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def lmcache_configure(config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata) -> None:
+    """See the validated configuration of an engine that is about to be built.
+
+    Called by :class:`~lmcache.experimental.cache_engine.LMCacheEngineBuilder` before
+    any component is created. The configuration has passed validation, including every
+    selected component's options. Treat it as read-only: to refuse a configuration,
+    raise ``ValueError`` with a message that names the offending field.
+
+    :param config: the engine's :class:`~lmcache.experimental.config.LMCacheEngineConfig`.
+    :param metadata: the model and worker the engine serves
+        (:class:`~lmcache.experimental.config.LMCacheEngineMetadata`).
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# Engine lifecycle
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def lmcache_engine_started(
+    engine_id: str, engine: Any, config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata
+) -> None:
+    """An engine was built and is ready to serve.
+
+    :param engine_id: the instance id the engine was registered under.
+    :param engine: the :class:`~lmcache.experimental.cache_engine.LMCacheEngine`.
+    :param config: its configuration.
+    :param metadata: its model and worker description.
+    """
+
+
+@hookspec
+def lmcache_engine_closing(engine_id: str, engine: Any) -> None:
+    """An engine is about to close its storage tiers and release its memory.
+
+    Called once per engine, before any tier is closed, so the engine can still be
+    inspected (for example to record final statistics).
+
+    :param engine_id: the instance id of the engine.
+    :param engine: the :class:`~lmcache.experimental.cache_engine.LMCacheEngine`.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# Observation: what happens to chunks
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def lmcache_chunks_stored(
+    engine_id: str, tier: str, keys: Sequence[CacheEngineKey], num_tokens: int,
+    num_bytes: int, duration_s: float,
+) -> None:
+    """Chunks were written to a tier and became visible there.
+
+    Called once per store operation and tier. For tiers below the CPU, writes are
+    asynchronous: the hook fires from the writer thread when the write completes, not
+    when it was submitted.
+
+    :param engine_id: the instance id of the engine.
+    :param tier: the storage backend's name in the configuration (``local_cpu``,
+        ``local_disk``, ...).
+    :param keys: the keys of the chunks written.
+    :param num_tokens: how many tokens the chunks hold together.
+    :param num_bytes: payload bytes written.
+    :param duration_s: wall time of the write, in seconds.
+    """
+
+
+@hookspec
+def lmcache_chunks_retrieved(
+    engine_id: str, tier: str, keys: Sequence[CacheEngineKey], num_tokens: int,
+    num_bytes: int, duration_s: float,
+) -> None:
+    """Chunks were read from a tier to serve a retrieve (or a prefetch).
+
+    :param engine_id: the instance id of the engine.
+    :param tier: the tier the chunks came from.
+    :param keys: the keys of the chunks read.
+    :param num_tokens: how many tokens the chunks hold together.
+    :param num_bytes: payload bytes read.
+    :param duration_s: wall time of the read, in seconds.
+    """
+
+
+@hookspec
+def lmcache_chunks_evicted(
+    engine_id: str, tier: str, keys: Sequence[CacheEngineKey], num_bytes: int
+) -> None:
+    """Chunks were removed from a tier to make room (not by an explicit remove).
+
+    :param engine_id: the instance id of the engine.
+    :param tier: the tier that evicted them.
+    :param keys: the keys of the evicted chunks.
+    :param num_bytes: payload bytes freed.
+    """
+
+
+@hookspec
+def lmcache_lookup_finished(
+    engine_id: str, num_tokens: int, hit_tokens: int, duration_s: float
+) -> None:
+    """A lookup or retrieve decided how much of a prompt's prefix is cached.
+
+    :param engine_id: the instance id of the engine.
+    :param num_tokens: tokens in the request.
+    :param hit_tokens: tokens of the contiguous cached prefix.
+    :param duration_s: wall time of the lookup, in seconds.
+    """
+
+
+@hookspec
+def lmcache_storage_error(
+    engine_id: str, tier: str, operation: str, error: BaseException
+) -> None:
+    """A tier failed an operation and the engine turned the failure into a miss.
+
+    Called for every such fault, even when the log shows only the first one.
+
+    :param engine_id: the instance id of the engine.
+    :param tier: the tier that failed.
+    :param operation: ``"put"``, ``"get"``, ``"contains"`` or ``"remove"``.
+    :param error: the exception the tier raised.
+    """

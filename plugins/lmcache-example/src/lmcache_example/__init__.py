@@ -1,0 +1,1 @@
+"""An example lmcache plugin: an in-process storage tier."""

@@ -1,0 +1,82 @@
+"""A storage tier that keeps copies of chunks in a dictionary of this process."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from lmcache.experimental.memory_management import MemoryFormat
+from lmcache.experimental.storage_backend.abstract_backend import StorageBackendInterface
+from lmcache.plugin.options import PluginOptions
+
+
+class InMemoryBackend(StorageBackendInterface):
+    """Chunks as bytes in an LRU dictionary; puts complete before they return."""
+
+    class Options(PluginOptions):
+        max_entries: int = Field(1024, gt=0, description="Chunks kept before LRU eviction.")
+
+    def __init__(self, allocator: Any, max_entries: int = 1024):
+        self._allocator = allocator
+        self._max_entries = max_entries
+        self._lock = threading.Lock()
+        self._data: OrderedDict[Any, tuple[bytes, torch.Size, torch.dtype, MemoryFormat]] = \
+            OrderedDict()
+
+    @classmethod
+    def from_options(cls, options: Options, config: Any, metadata: Any,
+                     **context: Any) -> InMemoryBackend:
+        return cls(context["memory_allocator"], options.max_entries)
+
+    def contains(self, key: Any) -> bool:
+        with self._lock:
+            return key in self._data
+
+    def exists_in_put_tasks(self, key: Any) -> bool:
+        return False  # puts are synchronous
+
+    def submit_put_task(self, key: Any, memory_obj: Any) -> Future | None:
+        record = (bytes(memory_obj.byte_array), memory_obj.get_shape(),
+                  memory_obj.get_dtype(), memory_obj.get_memory_format())
+        with self._lock:
+            self._data[key] = record
+            self._data.move_to_end(key)
+            while len(self._data) > self._max_entries:
+                self._data.popitem(last=False)
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    def submit_prefetch_task(self, key: Any) -> Future | None:
+        if not self.contains(key):
+            return None
+        done: Future = Future()
+        done.set_result(self.get_blocking(key))
+        return done
+
+    def get_blocking(self, key: Any) -> Any:
+        with self._lock:
+            record = self._data.get(key)
+            if record is not None:
+                self._data.move_to_end(key)
+        if record is None:
+            return None
+        payload, shape, dtype, fmt = record
+        obj = self._allocator.allocate(shape, dtype, fmt)
+        if obj is None:
+            return None
+        obj.byte_array[:] = payload
+        return obj
+
+    def remove(self, key: Any) -> bool:
+        with self._lock:
+            return self._data.pop(key, None) is not None
+
+    def close(self) -> None:
+        with self._lock:
+            self._data.clear()
