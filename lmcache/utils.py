@@ -28,18 +28,20 @@ class CacheEngineKey:
     chunk_hash: str
 
     def __post_init__(self) -> None:
-        if not _SAFE_FMT.fullmatch(self.fmt):
-            raise ValueError(f"CacheEngineKey.fmt must match [A-Za-z0-9_]{{1,32}}, got {self.fmt!r}")
-        if not self.model_name:
-            raise ValueError("CacheEngineKey.model_name must not be empty")
+        def bad(field: str, expected: str) -> ValueError:
+            return ValueError(
+                f"CacheEngineKey.{field} must be {expected}, got {getattr(self, field)!r}")
+
+        if not isinstance(self.fmt, str) or not _SAFE_FMT.fullmatch(self.fmt):
+            raise bad("fmt", "1-32 characters of [A-Za-z0-9_]")
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise bad("model_name", "a non-empty string")
         if not (isinstance(self.world_size, int) and self.world_size >= 1):
-            raise ValueError(f"CacheEngineKey.world_size must be an int >= 1, got {self.world_size!r}")
+            raise bad("world_size", "an int >= 1")
         if not (isinstance(self.worker_id, int) and 0 <= self.worker_id < self.world_size):
-            raise ValueError(
-                f"CacheEngineKey.worker_id must be an int in [0, world_size), got {self.worker_id!r}")
-        if not _HEX.fullmatch(self.chunk_hash):
-            raise ValueError(
-                f"CacheEngineKey.chunk_hash must be a lowercase hex digest, got {self.chunk_hash!r}")
+            raise bad("worker_id", "an int in [0, world_size)")
+        if not isinstance(self.chunk_hash, str) or not _HEX.fullmatch(self.chunk_hash):
+            raise bad("chunk_hash", "a lowercase hex digest of 16-128 digits")
 
     def to_string(self) -> str:
         model = quote(self.model_name, safe="").replace(".", "%2E")

@@ -550,7 +550,7 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """The config fields set by ``LMCACHE_<FIELD>`` variables (unknown variables ignored)."""
     env = os.environ if environ is None else environ
     out: dict[str, Any] = {}
-    for field, info in LMCacheEngineConfig.model_fields.items():
+    for field in LMCacheEngineConfig.model_fields:
         raw = env.get(f"{ENV_PREFIX}{field.upper()}")
         if raw is None:
             continue

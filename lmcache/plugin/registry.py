@@ -44,7 +44,8 @@ BASES: dict[str, str] = {
     "allocator": "lmcache.experimental.memory_management:MemoryAllocatorInterface",
     "gpu_connector": "lmcache.experimental.gpu_connector:GPUConnectorInterface",
     "token_database": "lmcache.experimental.token_database:TokenDatabase",
-    "storage_backend": "lmcache.experimental.storage_backend.abstract_backend:StorageBackendInterface",
+    "storage_backend":
+        "lmcache.experimental.storage_backend.abstract_backend:StorageBackendInterface",
     "serde": "lmcache.experimental.storage_backend.serde:Serde",
 }
 
