@@ -15,10 +15,10 @@ class CacheEngineKey:
     """The name of one chunk of KV cache.
 
     ``chunk_hash`` is the hex digest of the chained prefix hash (see
-    :class:`~lmcache.experimental.token_database.ChunkedTokenDatabase`). The string form
+    `ChunkedTokenDatabase`). The string form
     ``fmt@model_name@world_size@worker_id@chunk_hash`` is a single path component for
     any model name: the model name is percent-encoded, so it contains no ``/``, no
-    ``@`` and cannot be ``.`` or ``..``. :meth:`from_string` parses it back exactly.
+    ``@`` and cannot be ``.`` or ``..``. `from_string` parses it back exactly.
     """
 
     fmt: str

@@ -1,10 +1,10 @@
 """Engine configuration: the seed's flat fields plus components selected by plugin name.
 
-One :class:`LMCacheEngineConfig` describes an engine. It is built from keyword
-arguments, a YAML file (:meth:`~LMCacheEngineConfig.from_file`), ``LMCACHE_*``
-environment variables (:meth:`~LMCacheEngineConfig.from_env`) or the pre-experimental
-``backend`` names (:meth:`~LMCacheEngineConfig.from_legacy`). Every way ends in the same
-validation, and every failure is a :class:`ConfigError` that lists each problem with
+One `LMCacheEngineConfig` describes an engine. It is built from keyword
+arguments, a YAML file (`from_file`), ``LMCACHE_*``
+environment variables (`from_env`) or the pre-experimental
+``backend`` names (`from_legacy`). Every way ends in the same
+validation, and every failure is a `ConfigError` that lists each problem with
 where it is (the file or variable, and the path inside it, like
 ``storage_backends[1].max_size_gb``) and what was expected.
 """
@@ -144,7 +144,7 @@ FLAT_BACKEND_OPTIONS: dict[str, tuple[str, str]] = {
 
 
 class LMCacheEngineConfig(BaseModel):
-    """The configuration of one :class:`~lmcache.experimental.cache_engine.LMCacheEngine`.
+    """The configuration of one `LMCacheEngine`.
 
     The flat fields are the seed's. Beside them, ``allocator``, ``token_database``,
     ``gpu_connector`` and ``storage_backends`` choose components by plugin name. The
@@ -357,7 +357,7 @@ class LMCacheEngineConfig(BaseModel):
         return registry.validate_options(kind, spec.name, spec.options)
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain mapping that :meth:`from_dict` turns back into an equal config."""
+        """A plain mapping that `from_dict` turns back into an equal config."""
         return self.model_dump(mode="json", exclude_unset=False)
 
     # -- constructors (the seed's) ----------------------------------------------------------

@@ -1,17 +1,17 @@
 """Where a chunk's KV lives while lmcache holds it: memory objects and their allocators.
 
-A :class:`MemoryObj` is one reference-counted piece of memory holding one chunk (a KV
+A `MemoryObj` is one reference-counted piece of memory holding one chunk (a KV
 blob, a serialized byte string, ...). An allocator hands them out of a region that was
 reserved once at start-up, so that storing a chunk on the serving path never asks the
 operating system or the CUDA driver for memory.
 
 Allocators, by entry-point name in the ``lmcache.allocators`` group:
 
-* ``host``   -- :class:`HostMemoryAllocator`, ordinary (pageable) host memory;
-* ``pinned`` -- :class:`PinMemoryAllocator`, page-locked host memory for fast DMA to and
+* ``host``   -- `HostMemoryAllocator`, ordinary (pageable) host memory;
+* ``pinned`` -- `PinMemoryAllocator`, page-locked host memory for fast DMA to and
   from the GPU (ordinary memory, with a warning, where CUDA is missing);
-* ``gpu``    -- :class:`GPUMemoryAllocator`, one region on a CUDA device;
-* ``mixed``  -- :class:`MixedMemoryAllocator`, pinned memory for tensors and plain
+* ``gpu``    -- `GPUMemoryAllocator`, one region on a CUDA device;
+* ``mixed``  -- `MixedMemoryAllocator`, pinned memory for tensors and plain
   ``bytearray`` objects for byte buffers.
 """
 
@@ -56,7 +56,7 @@ __all__ = [
 
 
 class MemoryFormat(Enum):
-    """How the bytes of a :class:`MemoryObj` are to be read."""
+    """How the bytes of a `MemoryObj` are to be read."""
 
     UNDEFINED = 0
     #: A KV tensor of shape ``[2, num_layers, num_tokens, hidden_dim]`` (K and V stacked).
@@ -71,7 +71,7 @@ _TENSOR_FORMATS = frozenset({MemoryFormat.UNDEFINED, MemoryFormat.KV_BLOB, Memor
 
 
 class MemoryObjError(RuntimeError):
-    """Base of the errors raised for a misused :class:`MemoryObj` or allocator."""
+    """Base of the errors raised for a misused `MemoryObj` or allocator."""
 
 
 class DoubleFreeError(MemoryObjError):
@@ -93,11 +93,11 @@ class PinnedMemoryUnavailableWarning(RuntimeWarning):
 
 @dataclass
 class MemoryObjMetadata:
-    """What an allocator knows about one :class:`MemoryObj`.
+    """What an allocator knows about one `MemoryObj`.
 
     ``address`` is the offset of the payload in the allocator's region and ``phy_size``
     the bytes reserved there (the payload rounded up to the allocator's alignment).
-    ``pin_count`` counts outstanding :meth:`MemoryObj.pin` calls.
+    ``pin_count`` counts outstanding `MemoryObj.pin` calls.
     """
 
     shape: torch.Size
@@ -115,24 +115,24 @@ class MemoryObj(abc.ABC):
     Life cycle
         An allocator returns a new object with reference count 1, owned by the caller.
         Whoever keeps the object beyond the current call (a storage tier, a pending
-        asynchronous write) takes its own reference with :meth:`ref_count_up` and gives
-        it back with :meth:`ref_count_down`. When the count reaches zero the memory goes
+        asynchronous write) takes its own reference with `ref_count_up` and gives
+        it back with `ref_count_down`. When the count reaches zero the memory goes
         back to the allocator that made it, and the object becomes *invalid*: reading
-        :attr:`tensor` or :attr:`byte_array` then raises :class:`InvalidMemoryObjError`,
+        `tensor` or `byte_array` then raises `InvalidMemoryObjError`,
         because the same bytes may already belong to another chunk. Releasing more often
-        than acquiring raises :class:`DoubleFreeError`. Counting is thread-safe.
+        than acquiring raises `DoubleFreeError`. Counting is thread-safe.
 
     Pinning
-        :meth:`pin` marks an object that storage tiers must never evict (a chunk that a
+        `pin` marks an object that storage tiers must never evict (a chunk that a
         request is about to load, for instance). A pin *also holds a reference*: while
         pinned, the object cannot be freed by anyone else's ``ref_count_down``, and
-        :meth:`unpin` gives that reference back (and may therefore free the object). Pins
-        nest; :attr:`is_pinned` is true while at least one is outstanding. This is
+        `unpin` gives that reference back (and may therefore free the object). Pins
+        nest; `is_pinned` is true while at least one is outstanding. This is
         unrelated to page-locked ("pinned") host memory, which is the allocator's affair.
 
     Payload
-        :attr:`tensor` is a typed view (dtype and shape from :attr:`metadata`) of the
-        payload for tensor memory, ``None`` for byte buffers. :attr:`byte_array` is a
+        `tensor` is a typed view (dtype and shape from `metadata`) of the
+        payload for tensor memory, ``None`` for byte buffers. `byte_array` is a
         writable ``memoryview`` of exactly the payload bytes (``get_size()`` of them) for
         memory the CPU can address. Neither copies.
     """
@@ -144,14 +144,14 @@ class MemoryObj(abc.ABC):
 
     @abc.abstractmethod
     def get_memory_format(self) -> MemoryFormat:
-        """The format of the payload (see :class:`MemoryFormat`)."""
+        """The format of the payload (see `MemoryFormat`)."""
 
     @property
     @abc.abstractmethod
     def tensor(self) -> torch.Tensor | None:
         """A typed view of the payload, or ``None`` for memory that is not a tensor.
 
-        Raises :class:`InvalidMemoryObjError` once the object is freed or invalidated.
+        Raises `InvalidMemoryObjError` once the object is freed or invalidated.
         """
 
     @property
@@ -160,7 +160,7 @@ class MemoryObj(abc.ABC):
         """A ``memoryview`` (format ``"B"``) of exactly the payload bytes, without a copy.
 
         Writable unless the object wraps immutable ``bytes``. Raises
-        :class:`InvalidMemoryObjError` once the object is freed or invalidated, and
+        `InvalidMemoryObjError` once the object is freed or invalidated, and
         ``RuntimeError`` for memory the CPU cannot address (GPU memory).
         """
 
@@ -178,13 +178,13 @@ class MemoryObj(abc.ABC):
 
     @abc.abstractmethod
     def ref_count_up(self) -> None:
-        """Take one more reference. Raises :class:`InvalidMemoryObjError` if freed."""
+        """Take one more reference. Raises `InvalidMemoryObjError` if freed."""
 
     @abc.abstractmethod
     def ref_count_down(self) -> None:
         """Give one reference back; at zero the memory returns to its allocator.
 
-        Raises :class:`DoubleFreeError` if the count is already zero.
+        Raises `DoubleFreeError` if the count is already zero.
         """
 
     @abc.abstractmethod
@@ -193,23 +193,23 @@ class MemoryObj(abc.ABC):
 
     @abc.abstractmethod
     def pin(self) -> None:
-        """Protect the object from eviction; holds one reference until :meth:`unpin`."""
+        """Protect the object from eviction; holds one reference until `unpin`."""
 
     @abc.abstractmethod
     def unpin(self) -> None:
-        """Undo one :meth:`pin` and give back its reference.
+        """Undo one `pin` and give back its reference.
 
-        Raises :class:`DoubleFreeError` if the object is not pinned.
+        Raises `DoubleFreeError` if the object is not pinned.
         """
 
     @property
     @abc.abstractmethod
     def is_pinned(self) -> bool:
-        """Whether at least one :meth:`pin` is outstanding; tiers never evict such objects."""
+        """Whether at least one `pin` is outstanding; tiers never evict such objects."""
 
     @abc.abstractmethod
     def is_valid(self) -> bool:
-        """False once the object was freed or :meth:`invalidate` was called."""
+        """False once the object was freed or `invalidate` was called."""
 
     @abc.abstractmethod
     def invalidate(self) -> None:
@@ -401,25 +401,25 @@ class FreeBlock:
 
 
 class MemoryAllocatorInterface(abc.ABC):
-    """Hands out :class:`MemoryObj` instances from memory reserved up front.
+    """Hands out `MemoryObj` instances from memory reserved up front.
 
     Contract for implementers:
 
-    * :meth:`allocate` returns an object with reference count 1, or ``None`` when the
+    * `allocate` returns an object with reference count 1, or ``None`` when the
       request cannot be met right now (not enough contiguous space): running out is an
       expected event that the caller handles by evicting or skipping the chunk, never an
       exception. Malformed requests (negative dimensions, no dtype for tensor memory)
       raise ``ValueError`` naming what was expected.
-    * :meth:`free` takes the memory back. Callers do not call it directly; an object's
+    * `free` takes the memory back. Callers do not call it directly; an object's
       last ``ref_count_down()`` does. Freeing an object that is not currently allocated
-      raises :class:`DoubleFreeError`. After ``free`` the object is invalid.
+      raises `DoubleFreeError`. After ``free`` the object is invalid.
     * All methods are safe to call from several threads.
-    * For tests and leak checks, an allocator reports :attr:`num_active_allocations`,
-      :attr:`allocated_bytes` (bytes reserved, alignment included) and :attr:`capacity`
+    * For tests and leak checks, an allocator reports `num_active_allocations`,
+      `allocated_bytes` (bytes reserved, alignment included) and `capacity`
       (bytes it can hand out in all).
 
     A plugin allocator also carries a nested ``Options`` model and a ``from_options``
-    classmethod (see :mod:`lmcache.plugin.options`).
+    classmethod (see `lmcache.plugin.options`).
     """
 
     @abc.abstractmethod
@@ -439,7 +439,7 @@ class MemoryAllocatorInterface(abc.ABC):
         """Take back ``memory_obj``'s memory and invalidate it.
 
         Not to be called directly: use ``memory_obj.ref_count_down()``. Raises
-        :class:`DoubleFreeError` if ``memory_obj`` is not currently allocated here.
+        `DoubleFreeError` if ``memory_obj`` is not currently allocated here.
         """
 
     @abc.abstractmethod
@@ -486,10 +486,10 @@ def _round_up(n: int, align: int) -> int:
 class TensorMemoryAllocator(MemoryAllocatorInterface):
     """An explicit free-list allocator over one preallocated tensor.
 
-    The tensor is used as flat bytes. The usable region (:attr:`buffer`) starts at its
-    first byte whose address is a multiple of :attr:`ALIGN_BYTES`, and every object's
+    The tensor is used as flat bytes. The usable region (`buffer`) starts at its
+    first byte whose address is a multiple of `ALIGN_BYTES`, and every object's
     ``metadata.address`` is an offset into that region; every allocation is rounded up to
-    :attr:`ALIGN_BYTES` (at least one unit), so every payload starts aligned. Allocation
+    `ALIGN_BYTES` (at least one unit), so every payload starts aligned. Allocation
     is first fit over a free list sorted by address; freeing merges the block with both
     neighbours, so an empty allocator always holds exactly one free block.
     """
@@ -723,7 +723,7 @@ class PinMemoryAllocator(_RegionAllocator):
     """Allocates from one region of page-locked host memory of ``size`` bytes.
 
     Without CUDA there is no page-locked memory to be had: the region is ordinary host
-    memory and a :class:`PinnedMemoryUnavailableWarning` is issued once per process.
+    memory and a `PinnedMemoryUnavailableWarning` is issued once per process.
     """
 
     class Options(PluginOptions):
@@ -785,11 +785,11 @@ class GPUMemoryAllocator(_RegionAllocator):
 
 
 class BufferAllocator(MemoryAllocatorInterface):
-    """Allocates :class:`BytesBufferMemoryObj` objects over fresh ``bytearray`` buffers.
+    """Allocates `BytesBufferMemoryObj` objects over fresh ``bytearray`` buffers.
 
-    There is no region: buffers come from the Python heap, so :attr:`capacity` is
+    There is no region: buffers come from the Python heap, so `capacity` is
     unbounded (``sys.maxsize``). Live objects are still counted (and referenced) until
-    freed, so leaks show in :attr:`num_active_allocations`.
+    freed, so leaks show in `num_active_allocations`.
     """
 
     def __init__(self, device: str = "cpu") -> None:
@@ -847,10 +847,10 @@ class BufferAllocator(MemoryAllocatorInterface):
 
 
 class MixedMemoryAllocator(MemoryAllocatorInterface):
-    """Tensor formats (KV_BLOB, BINARY, UNDEFINED) from a :class:`PinMemoryAllocator` of
-    ``size`` bytes; BINARY_BUFFER from a :class:`BufferAllocator`.
+    """Tensor formats (KV_BLOB, BINARY, UNDEFINED) from a `PinMemoryAllocator` of
+    ``size`` bytes; BINARY_BUFFER from a `BufferAllocator`.
 
-    The accounting properties add both up, except :attr:`capacity`, which is the pinned
+    The accounting properties add both up, except `capacity`, which is the pinned
     region's (byte buffers live on the unbounded Python heap).
     """
 

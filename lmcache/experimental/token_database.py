@@ -27,7 +27,7 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 class TokenDatabase(ABC):
     """Turns input tokens into a list of cache engine keys.
 
-    There are several ways to do this: :class:`ChunkedTokenDatabase` cuts the tokens
+    There are several ways to do this: `ChunkedTokenDatabase` cuts the tokens
     into fixed-size chunks and names each chunk by a hash of the whole prefix up to and
     including it; a radix-tree database could name variable-length spans instead.
 
@@ -38,7 +38,7 @@ class TokenDatabase(ABC):
       written by one process is found by another;
     - make a key depend on the *whole* prefix, so that two prompts share a key only
       when they share everything before and inside that chunk;
-    - validate the mask as documented in :meth:`process_tokens` and raise
+    - validate the mask as documented in `process_tokens` and raise
       ``ValueError`` naming what was expected.
     """
 

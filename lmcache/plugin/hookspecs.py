@@ -2,7 +2,7 @@
 
 Components that the engine *calls* (allocators, connectors, token databases, storage
 backends, serdes) are classes found through entry points and chosen by name in YAML:
-see :mod:`lmcache.plugin.registry`. Hooks are for everything around them —
+see `lmcache.plugin.registry`. Hooks are for everything around them —
 registering components at run time, looking at the configuration, following an
 engine's life, and observing what happens to chunks. The engine calls hooks once per
 operation on a batch of chunks, never per token, so an implementation may do modest
@@ -62,9 +62,9 @@ def lmcache_register_components(registry: Registry) -> None:
 
     A component registered here under a name that an installed distribution also
     publishes makes that name ambiguous: selecting it is a
-    :class:`~lmcache.plugin.registry.DuplicatePluginError`.
+    `DuplicatePluginError`.
 
-    :param registry: the process-wide :class:`~lmcache.plugin.registry.Registry`.
+    :param registry: the process-wide `Registry`.
     """
 
 
@@ -77,14 +77,14 @@ def lmcache_register_components(registry: Registry) -> None:
 def lmcache_configure(config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata) -> None:
     """See the validated configuration of an engine that is about to be built.
 
-    Called by :class:`~lmcache.experimental.cache_engine.LMCacheEngineBuilder` before
+    Called by `LMCacheEngineBuilder` before
     any component is created. The configuration has passed validation, including every
     selected component's options. Treat it as read-only: to refuse a configuration,
     raise ``ValueError`` with a message that names the offending field.
 
-    :param config: the engine's :class:`~lmcache.experimental.config.LMCacheEngineConfig`.
+    :param config: the engine's `LMCacheEngineConfig`.
     :param metadata: the model and worker the engine serves
-        (:class:`~lmcache.experimental.config.LMCacheEngineMetadata`).
+        (`LMCacheEngineMetadata`).
     """
 
 
@@ -100,7 +100,7 @@ def lmcache_engine_started(
     """An engine was built and is ready to serve.
 
     :param engine_id: the instance id the engine was registered under.
-    :param engine: the :class:`~lmcache.experimental.cache_engine.LMCacheEngine`.
+    :param engine: the `LMCacheEngine`.
     :param config: its configuration.
     :param metadata: its model and worker description.
     """
@@ -114,7 +114,7 @@ def lmcache_engine_closing(engine_id: str, engine: Any) -> None:
     inspected (for example to record final statistics).
 
     :param engine_id: the instance id of the engine.
-    :param engine: the :class:`~lmcache.experimental.cache_engine.LMCacheEngine`.
+    :param engine: the `LMCacheEngine`.
     """
 
 

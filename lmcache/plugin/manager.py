@@ -51,7 +51,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
 
 def reset_plugin_manager() -> None:
-    """Forget the manager; the next :func:`get_plugin_manager` builds a new one (tests)."""
+    """Forget the manager; the next `get_plugin_manager` builds a new one (tests)."""
     global _manager
     with _lock:
         _manager = None

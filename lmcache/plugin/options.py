@@ -2,7 +2,7 @@
 
 A component class found through an entry point (an allocator, a token database, a GPU
 connector, a storage backend, a serde) declares what it accepts in YAML as a nested
-``Options`` model derived from :class:`PluginOptions`, and how it is built from those
+``Options`` model derived from `PluginOptions`, and how it is built from those
 options as a ``from_options`` classmethod::
 
     class MyBackend(StorageBackendInterface):

@@ -9,7 +9,7 @@ token database, storage backend, serde — is a class published as an entry poin
 The entry-point name is the name used in YAML; the value is ``module:Class``. lmcache's
 own components are entry points of the ``lmcache`` distribution and go through exactly
 the same table. Listing names reads metadata only; a module is imported when its name
-is selected (:meth:`Registry.load`), so a broken plugin only fails the configurations
+is selected (`Registry.load`), so a broken plugin only fails the configurations
 that use it, and the error names its distribution.
 """
 

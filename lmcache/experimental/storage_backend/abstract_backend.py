@@ -18,19 +18,19 @@ class StorageBackendInterface(ABC):
     The storage manager searches tiers in configuration order and writes to all of
     them. A backend must keep these promises:
 
-    - **Visibility.** A chunk becomes visible to :meth:`contains` and
-      :meth:`get_blocking` only once it is completely written. Until then,
-      :meth:`exists_in_put_tasks` reports it.
-    - **Integrity.** :meth:`get_blocking` returns exactly the bytes, shape, dtype and
+    - **Visibility.** A chunk becomes visible to `contains` and
+      `get_blocking` only once it is completely written. Until then,
+      `exists_in_put_tasks` reports it.
+    - **Integrity.** `get_blocking` returns exactly the bytes, shape, dtype and
       format that were put, or ``None``. A missing, truncated, corrupt or foreign
       object is a miss, never an exception and never wrong data.
-    - **Ownership.** :meth:`submit_put_task` may keep a reference to the memory object
+    - **Ownership.** `submit_put_task` may keep a reference to the memory object
       (``ref_count_up``) until the write is done and must release it afterwards. An
-      object returned by :meth:`get_blocking` belongs to the caller, who releases it
+      object returned by `get_blocking` belongs to the caller, who releases it
       with ``ref_count_down``.
     - **No blocking without a bound.** Calls return promptly; slow work runs on the
       backend's own threads, and anything that waits on a remote system has a timeout.
-    - :meth:`close` waits for pending writes, then releases every resource.
+    - `close` waits for pending writes, then releases every resource.
 
     Backends are plugins (group ``lmcache.storage_backends``): a class with an
     ``Options`` model and a ``from_options`` classmethod.
@@ -72,7 +72,7 @@ class StorageBackendInterface(ABC):
         """Build the backend from its validated plugin options (plugin protocol).
 
         ``context`` carries what the engine shares with its tiers, by keyword:
-        ``memory_allocator`` (where :meth:`get_blocking` allocates the objects it
+        ``memory_allocator`` (where `get_blocking` allocates the objects it
         returns) and ``tier_name`` (the name the backend was selected by).
         """
         raise NotImplementedError(f"{cls.__name__} does not implement from_options()")

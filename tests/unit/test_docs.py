@@ -1,0 +1,57 @@
+"""Docs that cannot drift: every hook, entry-point group and config field is documented."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from lmcache.experimental.config import LMCacheEngineConfig
+from lmcache.plugin import hookspecs
+from lmcache.plugin.registry import KINDS, PLUGINS_GROUP, registry
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+
+
+def _reference_hook():
+    spec = importlib.util.spec_from_file_location("docs_reference", DOCS / "_hooks/reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("hook", [n for n in dir(hookspecs) if n.startswith("lmcache_")])
+def test_every_hook_is_in_the_hooks_page(hook):
+    page = (DOCS / "extending/hooks.md").read_text()
+    assert f"`{hook}`" in page
+    assert "::: lmcache.plugin.hookspecs" in page
+
+
+@pytest.mark.parametrize("group", [*KINDS.values(), PLUGINS_GROUP])
+def test_every_entry_point_group_is_documented(group):
+    assert f"`{group}`" in (DOCS / "extending/index.md").read_text()
+
+
+def test_config_reference_lists_every_field():
+    page = (DOCS / "user-guide/configuration.md").read_text()
+    assert "<!-- lmcache:config-fields -->" in page
+    table = _reference_hook().config_fields_table()
+    for field in LMCacheEngineConfig.model_fields:
+        assert f"| `{field}` |" in table
+
+
+def test_plugin_options_reference_lists_every_first_party_option():
+    tables = _reference_hook().plugin_options_tables()
+    for entry in registry.entries():
+        if entry.first_party:
+            assert f"### `{entry.name}`" in tables
+            for option in registry.options_model(entry.kind, entry.name).model_fields:
+                assert f"| `{option}` |" in tables
+
+
+def test_every_docs_page_is_in_the_nav():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    for page in DOCS.rglob("*.md"):
+        assert str(page.relative_to(DOCS)) in nav, page
