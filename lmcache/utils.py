@@ -8,6 +8,10 @@ from urllib.parse import quote, unquote
 
 _HEX = re.compile(r"[0-9a-f]{16,128}")
 _SAFE_FMT = re.compile(r"[A-Za-z0-9_]{1,32}")
+_DIGITS = re.compile(r"0|[1-9][0-9]{0,8}")
+#: Longest percent-encoded model name: with the other fields and a 128-digit hash, the
+#: string form stays well under the 255-byte file-name limit of common file systems.
+MAX_MODEL_CHARS = 96
 
 
 @dataclass(frozen=True, order=True)
@@ -36,15 +40,22 @@ class CacheEngineKey:
             raise bad("fmt", "1-32 characters of [A-Za-z0-9_]")
         if not isinstance(self.model_name, str) or not self.model_name:
             raise bad("model_name", "a non-empty string")
-        if not (isinstance(self.world_size, int) and self.world_size >= 1):
+        try:
+            encoded = _encode_model(self.model_name)
+        except UnicodeEncodeError:
+            raise bad("model_name", "valid Unicode text") from None
+        if len(encoded) > MAX_MODEL_CHARS:
+            raise bad("model_name", f"at most {MAX_MODEL_CHARS} characters once percent-encoded "
+                      f"(it is {len(encoded)}), so that chunk keys fit in a file name")
+        if not (_is_int(self.world_size) and self.world_size >= 1):
             raise bad("world_size", "an int >= 1")
-        if not (isinstance(self.worker_id, int) and 0 <= self.worker_id < self.world_size):
+        if not (_is_int(self.worker_id) and 0 <= self.worker_id < self.world_size):
             raise bad("worker_id", "an int in [0, world_size)")
         if not isinstance(self.chunk_hash, str) or not _HEX.fullmatch(self.chunk_hash):
             raise bad("chunk_hash", "a lowercase hex digest of 16-128 digits")
 
     def to_string(self) -> str:
-        model = quote(self.model_name, safe="").replace(".", "%2E")
+        model = _encode_model(self.model_name)
         return f"{self.fmt}@{model}@{self.world_size}@{self.worker_id}@{self.chunk_hash}"
 
     def __str__(self) -> str:
@@ -57,6 +68,18 @@ class CacheEngineKey:
             raise ValueError(
                 f"not a chunk key: expected 'fmt@model@world_size@worker_id@hash', got {s!r}")
         fmt, model, world_size, worker_id, chunk_hash = parts
-        if not (world_size.isdigit() and worker_id.isdigit()):
+        if not (_DIGITS.fullmatch(world_size) and _DIGITS.fullmatch(worker_id)):
             raise ValueError(f"not a chunk key: world_size and worker_id must be integers in {s!r}")
-        return CacheEngineKey(fmt, unquote(model), int(world_size), int(worker_id), chunk_hash)
+        key = CacheEngineKey(fmt, unquote(model, errors="strict"), int(world_size),
+                             int(worker_id), chunk_hash)
+        if key.to_string() != s:  # one key, one spelling: no aliases such as %2e or 01
+            raise ValueError(f"not a chunk key in canonical form: {s!r}")
+        return key
+
+
+def _encode_model(model_name: str) -> str:
+    return quote(model_name, safe="", errors="strict").replace(".", "%2E")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lmcache.plugin.options import PluginOptions
 from lmcache.plugin.registry import KINDS, PluginError, registry
+from lmcache.utils import CacheEngineKey
 
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 ENV_PREFIX = "LMCACHE_"
@@ -637,6 +638,8 @@ class LMCacheEngineMetadata:
             raise ValueError(
                 f"worker_id must be an int in [0, world_size={self.world_size}), "
                 f"got {self.worker_id!r}")
+        # the model name ends up in every chunk key: refuse one that cannot make a key now
+        CacheEngineKey(self.fmt, self.model_name, self.world_size, self.worker_id, "0" * 64)
         if not isinstance(self.kv_dtype, torch.dtype):
             raise ValueError(f"kv_dtype must be a torch.dtype, got {self.kv_dtype!r}")
         shape = tuple(self.kv_shape)

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from lmcache.experimental.config import LMCacheEngineConfig, LMCacheEngineMetadata
 from lmcache.experimental.token_database import ChunkedTokenDatabase, TokenDatabase
-from lmcache.utils import CacheEngineKey
+from lmcache.utils import MAX_MODEL_CHARS, CacheEngineKey, _encode_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = b"lmcache/chunked-prefix/v1\x00"
@@ -657,6 +657,7 @@ def test_distinct_model_names_give_distinct_strings():
 @given(model_name=st.text(min_size=1))
 @settings(max_examples=300, deadline=None)
 def test_key_round_trip_for_any_model_name(model_name, tmp_path_factory):
+    assume(_fits(model_name))
     key = CacheEngineKey("vllm", model_name, 8, 7, HEX64)
     assert_safe_path_component(key, tmp_path_factory.getbasetemp())
 
@@ -668,6 +669,7 @@ def test_key_round_trip_for_any_model_name(model_name, tmp_path_factory):
 @settings(max_examples=150, deadline=None)
 def test_key_round_trip_all_fields(model_name, world_size, data, chunk_hash, fmt):
     worker_id = data.draw(st.integers(0, world_size - 1))
+    assume(_fits(model_name))
     key = CacheEngineKey(fmt, model_name, world_size, worker_id, chunk_hash)
     s = str(key)
     assert CacheEngineKey.from_string(s) == key
@@ -741,3 +743,34 @@ def test_hashing_a_million_tokens_is_fast():
             break
     assert len(out) == -(-1_000_000 // 256)
     assert best < 1.0, f"hashing 1M tokens took {best:.2f} s"
+
+
+def _fits(model_name: str) -> bool:
+    try:
+        return len(_encode_model(model_name)) <= MAX_MODEL_CHARS
+    except UnicodeEncodeError:
+        return False
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("\u4e2d" * 11, "at most 96 characters once percent-encoded"),
+    ("\ud800", "valid Unicode text"),
+])
+def test_model_names_that_cannot_make_a_file_name_are_refused(name, needle):
+    with pytest.raises(ValueError, match=needle):
+        CacheEngineKey("vllm", name, 1, 0, HEX64)
+
+
+@pytest.mark.parametrize("world_size, worker_id", [(True, 0), (1, False)])
+def test_bools_are_not_ints_in_keys(world_size, worker_id):
+    with pytest.raises(ValueError):
+        CacheEngineKey("vllm", "m", world_size, worker_id, HEX64)
+
+
+@pytest.mark.parametrize("alias", [
+    f"vllm@%2e%2e@1@0@{HEX64}", f"vllm@..@1@0@{HEX64}", f"vllm@a/b@1@0@{HEX64}",
+    f"vllm@m@01@0@{HEX64}", f"vllm@m@1@00@{HEX64}", f"vllm@m@\u0661@0@{HEX64}",
+])
+def test_from_string_accepts_only_the_canonical_spelling(alias):
+    with pytest.raises(ValueError):
+        CacheEngineKey.from_string(alias)
