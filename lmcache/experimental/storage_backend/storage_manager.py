@@ -1,0 +1,337 @@
+"""The storage manager: tiers in order, write-through puts, promotion, prefetch, faults."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmcache.experimental.memory_management import (
+    MemoryAllocatorInterface,
+    MemoryFormat,
+    MemoryObj,
+)
+from lmcache.experimental.storage_backend.abstract_backend import StorageBackendInterface
+from lmcache.experimental.storage_backend.local_cpu_backend import LocalCPUBackend
+from lmcache.plugin.manager import hooks
+from lmcache.plugin.registry import registry
+from lmcache.utils import CacheEngineKey
+
+if TYPE_CHECKING:
+    from lmcache.experimental.config import LMCacheEngineConfig, LMCacheEngineMetadata
+
+logger = logging.getLogger(__name__)
+
+CPU_TIER = "local_cpu"
+#: The seed's names for tiers in ``search_range``.
+TIER_ALIASES = {"Hot": "local_cpu", "LocalCPUBackend": "local_cpu",
+                "LocalDiskBackend": "local_disk"}
+#: Longest a retrieve waits for a chunk that a prefetch is already loading.
+PREFETCH_WAIT_S = 30.0
+#: Longest an allocation waits for writes to lower tiers to release memory.
+WRITE_BACKPRESSURE_S = 10.0
+
+
+class StorageFault(RuntimeError):
+    """A tier failed an operation and ``error_handling`` is off."""
+
+
+class _ReclaimingAllocator(MemoryAllocatorInterface):
+    """The engine's allocator as the tiers see it: a failed allocation first evicts
+    least recently used chunks from the CPU tier, then tries again."""
+
+    def __init__(self, manager: StorageManager):
+        self._manager = manager
+        self._base = manager.allocator
+
+    def allocate(self, shape: Any, dtype: Any, fmt: MemoryFormat = MemoryFormat.KV_BLOB
+                 ) -> MemoryObj | None:
+        return self._manager.allocate(shape, dtype, fmt)
+
+    def free(self, memory_obj: MemoryObj) -> None:
+        self._base.free(memory_obj)
+
+    def get_ref_count(self, memory_obj: MemoryObj) -> int:
+        return self._base.get_ref_count(memory_obj)
+
+
+class StorageManager:
+    """Owns the tiers of one engine and applies the storage semantics across them.
+
+    - Tiers are searched in configuration order; a put goes to every tier
+      (write-through), asynchronously for every tier below the CPU.
+    - A hit below the CPU tier is promoted into it.
+    - A fault in a tier (an exception from a backend) is reported to the
+      ``lmcache_storage_error`` hook; with ``error_handling`` it is logged once per tier
+      and operation and becomes a miss, without it the exception propagates.
+    """
+
+    def __init__(self, allocator: MemoryAllocatorInterface, error_handling: bool = False,
+                 engine_id: str = "lmcache"):
+        self.allocator = allocator
+        self.error_handling = error_handling
+        self.engine_id = engine_id
+        self.tiers: dict[str, StorageBackendInterface] = {}
+        self.reclaiming_allocator = _ReclaimingAllocator(self)
+        self._logged: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._prefetching: dict[CacheEngineKey, Future] = {}
+        self._pending_puts: dict[Future, None] = {}  # insertion order: oldest first
+
+    @classmethod
+    def from_config(cls, config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata,
+                    allocator: MemoryAllocatorInterface, engine_id: str) -> StorageManager:
+        manager = cls(allocator, config.error_handling, engine_id)
+        derived = config.storage_backends is None
+        for spec in config.storage_backend_specs():
+            if derived and spec.name == "remote" and ("storage_backend", "remote") \
+                    not in registry:
+                logger.warning("remote_url %s is set but no remote tier is installed; "
+                               "running without it", spec.options.get("url"))
+                continue
+            manager.add_tier(spec.name, registry.create(
+                "storage_backend", spec.name, spec.options, config, metadata,
+                memory_allocator=manager.reclaiming_allocator, tier_name=spec.name,
+                on_evicted=manager._evicted_callback(spec.name)))
+        return manager
+
+    def add_tier(self, name: str, backend: StorageBackendInterface) -> None:
+        if name in self.tiers:
+            raise ValueError(f"tier {name!r} is already configured")
+        self.tiers[name] = backend
+
+    @property
+    def cpu_tier(self) -> LocalCPUBackend | None:
+        tier = self.tiers.get(CPU_TIER)
+        return tier if isinstance(tier, LocalCPUBackend) else None
+
+    def _evicted_callback(self, tier: str) -> Callable[[Sequence[CacheEngineKey], int], None]:
+        def evicted(keys: Sequence[CacheEngineKey], num_bytes: int) -> None:
+            hooks().lmcache_chunks_evicted(engine_id=self.engine_id, tier=tier,
+                                           keys=list(keys), num_bytes=num_bytes)
+        return evicted
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def _fault(self, tier: str, operation: str, exc: BaseException) -> None:
+        hooks().lmcache_storage_error(engine_id=self.engine_id, tier=tier,
+                                      operation=operation, error=exc)
+        if not self.error_handling:
+            raise StorageFault(f"tier {tier!r} failed to {operation}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        if (tier, operation) not in self._logged:
+            self._logged.add((tier, operation))
+            logger.warning("tier %r failed to %s (%s: %s); treating it as a miss. Further "
+                           "failures of this kind are not logged.", tier, operation,
+                           type(exc).__name__, exc)
+
+    def _tiers_in(self, search_range: Sequence[str] | None) -> list[tuple[str, Any]]:
+        if search_range is None:
+            return list(self.tiers.items())
+        wanted = {TIER_ALIASES.get(n, n) for n in search_range}
+        unknown = wanted - set(self.tiers)
+        if unknown:
+            raise ValueError(f"search_range names unknown tiers {sorted(unknown)}; "
+                             f"configured tiers: {list(self.tiers)}")
+        return [(n, t) for n, t in self.tiers.items() if n in wanted]
+
+    # -- memory --------------------------------------------------------------------------------
+
+    def allocate(self, shape: Any, dtype: torch.dtype | None,
+                 fmt: MemoryFormat = MemoryFormat.KV_BLOB) -> MemoryObj | None:
+        """Allocate, evicting least recently used CPU-tier chunks if memory is full."""
+        obj = self.allocator.allocate(shape, dtype, fmt)
+        cpu = self.cpu_tier
+        itemsize = dtype.itemsize if dtype is not None else 1
+        nbytes = int(torch.Size(shape).numel()) * itemsize
+        deadline = time.monotonic() + WRITE_BACKPRESSURE_S
+        while obj is None:
+            if cpu is not None and cpu.evict_for(nbytes):
+                pass
+            elif not self._wait_for_one_put(deadline - time.monotonic()):
+                return None  # everything is in use or pinned
+            obj = self.allocator.allocate(shape, dtype, fmt)
+        return obj
+
+    def _wait_for_one_put(self, timeout: float) -> bool:
+        # Memory held by writes to lower tiers comes back when they finish: wait for the
+        # oldest one rather than dropping the chunk (backpressure from slow tiers).
+        with self._lock:
+            pending = next(iter(self._pending_puts), None)
+        if pending is None or timeout <= 0:
+            return False
+        try:
+            pending.result(timeout=timeout)
+        except FutureTimeout:
+            return False
+        except Exception:
+            pass
+        return True
+
+    # -- operations --------------------------------------------------------------------------
+
+    def contains(self, key: CacheEngineKey, search_range: Sequence[str] | None = None) -> bool:
+        for name, tier in self._tiers_in(search_range):
+            try:
+                if tier.contains(key):
+                    return True
+            except Exception as exc:
+                self._fault(name, "contains", exc)
+        return False
+
+    def is_stored_or_storing(self, key: CacheEngineKey) -> bool:
+        for name, tier in self.tiers.items():
+            try:
+                if tier.contains(key) or tier.exists_in_put_tasks(key):
+                    return True
+            except Exception as exc:
+                self._fault(name, "contains", exc)
+        return False
+
+    def put(self, key: CacheEngineKey, memory_obj: MemoryObj, num_tokens: int) -> None:
+        """Write ``memory_obj`` to every tier; the caller keeps its own reference."""
+        for name, tier in self.tiers.items():
+            started = time.perf_counter()
+            try:
+                future = tier.submit_put_task(key, memory_obj)
+            except Exception as exc:
+                self._fault(name, "put", exc)
+                continue
+            if future is not None and not future.done():
+                with self._lock:
+                    self._pending_puts[future] = None
+            if future is not None:
+                future.add_done_callback(self._put_done(name, key, num_tokens,
+                                                        memory_obj.get_size(), started))
+
+    def _put_done(self, tier: str, key: CacheEngineKey, num_tokens: int, num_bytes: int,
+                  started: float) -> Callable[[Future], None]:
+        def done(future: Future) -> None:
+            with self._lock:
+                self._pending_puts.pop(future, None)
+            exc = future.exception()
+            if exc is not None:
+                try:
+                    self._fault(tier, "put", exc)
+                except StorageFault:
+                    logger.error("asynchronous put of %s to tier %r failed: %s", key, tier, exc)
+                return
+            hooks().lmcache_chunks_stored(
+                engine_id=self.engine_id, tier=tier, keys=[key], num_tokens=num_tokens,
+                num_bytes=num_bytes, duration_s=time.perf_counter() - started)
+        return done
+
+    def get(self, key: CacheEngineKey, search_range: Sequence[str] | None = None
+            ) -> tuple[MemoryObj, str] | None:
+        """The chunk and the tier it came from, or None. The caller owns one reference."""
+        pending = self._prefetching.get(key)
+        if pending is not None:
+            try:
+                pending.result(timeout=PREFETCH_WAIT_S)
+            except (FutureTimeout, Exception):  # a failed prefetch is just not there
+                pass
+        for name, tier in self._tiers_in(search_range):
+            try:
+                if not tier.contains(key):
+                    continue
+                obj = tier.get_blocking(key)
+            except Exception as exc:
+                self._fault(name, "get", exc)
+                continue
+            if obj is None:
+                continue
+            if name != CPU_TIER and self.cpu_tier is not None:
+                self._promote(key, obj)
+            return obj, name
+        return None
+
+    def _promote(self, key: CacheEngineKey, obj: MemoryObj) -> None:
+        try:
+            self.cpu_tier.submit_put_task(key, obj)  # type: ignore[union-attr]
+        except Exception as exc:
+            self._fault(CPU_TIER, "put", exc)
+
+    def prefetch(self, key: CacheEngineKey) -> bool:
+        """Start moving ``key`` into the CPU tier; returns whether it is stored anywhere."""
+        cpu = self.cpu_tier
+        if cpu is not None and cpu.contains(key):
+            return True
+        if key in self._prefetching:
+            return True
+        for name, tier in self.tiers.items():
+            if name == CPU_TIER:
+                continue
+            try:
+                if not tier.contains(key):
+                    continue
+                future = tier.submit_prefetch_task(key)
+            except Exception as exc:
+                self._fault(name, "get", exc)
+                continue
+            if future is None:
+                continue
+            with self._lock:
+                self._prefetching[key] = future
+            future.add_done_callback(self._prefetched(key, name))
+            return True
+        return False
+
+    def _prefetched(self, key: CacheEngineKey, tier: str) -> Callable[[Future], None]:
+        def done(future: Future) -> None:
+            try:
+                exc = future.exception()
+                obj = None if exc is not None else future.result()
+                if exc is not None:
+                    try:
+                        self._fault(tier, "get", exc)
+                    except StorageFault:
+                        logger.error("prefetch of %s from tier %r failed: %s", key, tier, exc)
+                if obj is not None:
+                    if self.cpu_tier is not None:
+                        self._promote(key, obj)
+                    obj.ref_count_down()
+            finally:
+                with self._lock:
+                    self._prefetching.pop(key, None)
+        return done
+
+    def remove(self, key: CacheEngineKey) -> bool:
+        found = False
+        for name, tier in self.tiers.items():
+            try:
+                found = tier.remove(key) or found
+            except Exception as exc:
+                self._fault(name, "remove", exc)
+        return found
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every put submitted so far is written (or failed)."""
+        with self._lock:
+            pending = list(self._pending_puts)
+        for future in pending:
+            try:
+                future.result(timeout=timeout)
+            except Exception:
+                pass  # reported by the done callback
+
+    def wait_for_prefetches(self, timeout: float | None = None) -> None:
+        for future in list(self._prefetching.values()):
+            try:
+                future.result(timeout=timeout)
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        """Finish pending prefetches and writes, then close every tier, lowest first."""
+        self.wait_for_prefetches(PREFETCH_WAIT_S)
+        for name, tier in reversed(list(self.tiers.items())):
+            try:
+                tier.close()
+            except Exception as exc:  # closing must release the rest regardless
+                logger.error("closing tier %r failed: %s", name, exc)
