@@ -44,7 +44,9 @@ def best(fn, repeat: int) -> float:
 def make_paged(num_tokens: int):
     num_blocks = num_tokens // BLOCK
     layers = [torch.randn(2, num_blocks, BLOCK, HEADS, HEAD).to(DTYPE) for _ in range(LAYERS)]
-    slots = torch.randperm(num_blocks * BLOCK)[:num_tokens]  # scattered, as in a busy server
+    # vLLM's slot mapping: pages in any order (a busy server), tokens in order inside a page
+    pages = torch.randperm(num_blocks)[: num_tokens // BLOCK]
+    slots = (pages.repeat_interleave(BLOCK) * BLOCK + torch.arange(BLOCK).repeat(len(pages)))
     return layers, slots
 
 
@@ -96,7 +98,7 @@ def main() -> None:
 
     raw_w = nbytes / best(raw_write, args.repeat) / GIB
     raw_r = nbytes / best(raw_read, args.repeat) / GIB
-    del src, dst
+    src = dst = None  # release 2x the test size before the tiers allocate
 
     # -- CPU tier ------------------------------------------------------------------------
     cpu_config = LMCacheEngineConfig(chunk_size=CHUNK, allocator={"name": "host",

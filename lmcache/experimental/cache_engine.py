@@ -85,7 +85,7 @@ class LMCacheEngine:
 
     # -- the seed's API --------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def store(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, **kwargs: Any) -> None:
         """Store the KV of ``tokens`` (where ``mask`` is True) into the cache.
 
@@ -126,7 +126,7 @@ class LMCacheEngine:
                 num_tokens=stored_tokens, num_bytes=stored_bytes,
                 duration_s=time.perf_counter() - started)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def retrieve(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:
         """Load the cached KV of the longest cached prefix of ``tokens`` into the serving

@@ -19,8 +19,10 @@ import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -433,6 +435,10 @@ class _PagedKVConnector(GPUConnectorInterface):
         flat, dst, slots, _ = self._prepare(memory_obj, start, end, kwargs, filling=True)
         device = flat[0][0].device
         if dst.device == device:
+            if device.type == "cpu" and _gather_blocks_cpu(
+                    flat, slots, dst, _block_size(kwargs["kvcaches"])):
+                memory_obj.metadata.fmt = MemoryFormat.KV_BLOB
+                return
             self._gather(flat, slots, dst)
         else:
             with self._staging_lock:
@@ -453,6 +459,9 @@ class _PagedKVConnector(GPUConnectorInterface):
                                                   filling=False)
         device = flat[0][0].device
         if src.device == device:
+            if device.type == "cpu" and not skipped and _scatter_blocks_cpu(
+                    flat, slots, src, _block_size(kwargs["kvcaches"])):
+                return
             self._scatter(flat, slots, src, skipped)
         else:
             with self._staging_lock:
@@ -481,6 +490,13 @@ class _PagedKVConnector(GPUConnectorInterface):
             keep = torch.nonzero(slots >= 0).squeeze(1)
             slots = slots.index_select(0, keep)
             src = src.index_select(2, keep)
+        if src.device.type == "cpu":
+            pairs = []
+            for layer, src_k, src_v in zip(flat, src[0].unbind(0), src[1].unbind(0)):
+                k, v = layer.unbind(0) if isinstance(layer, torch.Tensor) else layer
+                pairs += [(k, src_k), (v, src_v)]
+            _scatter_rows_cpu(pairs, slots)
+            return
         if isinstance(flat[0], torch.Tensor):
             for layer, src_kv in zip(flat, src.unbind(1)):
                 layer.index_copy_(1, slots, src_kv)
@@ -573,3 +589,97 @@ class VLLMPagedMemGPUConnectorV2(_PagedKVConnector):
             extra = {"chunk_size": config.chunk_size, "dtype": metadata.kv_dtype,
                      "device": context["device"]}
         return cls(hidden_dim, num_layers, use_gpu=options.use_gpu, **extra)
+
+
+# -- CPU scatter ---------------------------------------------------------------------------
+# torch's index_copy_ on the CPU moves one element at a time (~1/3 of memcpy speed here);
+# copying whole token rows as opaque NumPy items runs at memory speed, and NumPy releases
+# the GIL, so the layers are spread over a small thread pool.
+
+_scatter_pool: ThreadPoolExecutor | None = None
+_scatter_pool_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _scatter_pool
+    with _scatter_pool_lock:
+        if _scatter_pool is None:
+            _scatter_pool = ThreadPoolExecutor(max(1, torch.get_num_threads()),
+                                               thread_name_prefix="lmcache-scatter")
+        return _scatter_pool
+
+
+def _rows(t: torch.Tensor) -> np.ndarray:
+    """A [n, hidden] tensor with contiguous rows as a 1-D NumPy array of n opaque rows."""
+    raw = t.view(torch.uint8).numpy()
+    return raw.view(np.dtype((np.void, raw.shape[1]))).reshape(-1)
+
+
+def _scatter_rows_cpu(pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                      slots: torch.Tensor) -> None:
+    index = slots.numpy()
+    if index.size == 0:
+        return
+    jobs = [(_rows(dst), _rows(src.contiguous())) for dst, src in pairs]
+    if len(jobs) == 1 or torch.get_num_threads() == 1:
+        for dst, src in jobs:
+            np.put(dst, index, src)
+        return
+    list(_pool().map(lambda job: np.put(job[0], index, job[1]), jobs))
+
+
+# -- whole blocks ---------------------------------------------------------------------------
+# A chunk usually covers whole pages of the serving engine (256-token chunks, 16-token
+# blocks): then each page moves as one opaque row of block_size * hidden elements, which
+# is several times faster than row-per-token on the CPU.
+
+
+def _block_size(kvcaches: Any) -> int:
+    layer = kvcaches[0]
+    return int(layer.shape[2] if isinstance(layer, torch.Tensor) else layer[0].shape[1])
+
+
+def _whole_blocks(slots: torch.Tensor, block_size: int) -> torch.Tensor | None:
+    """Block ids if ``slots`` are whole blocks in order within each block, else None."""
+    n = slots.numel()
+    if n == 0 or n % block_size or block_size == 1:
+        return None
+    grid = slots.view(-1, block_size)
+    first = grid[:, 0]
+    if bool((first % block_size).any()):
+        return None
+    if not torch.equal(grid - first.unsqueeze(1),
+                       torch.arange(block_size).expand_as(grid)):
+        return None
+    return first // block_size
+
+
+def _kv_block_pairs(flat: list[Any], mem: torch.Tensor, block_size: int
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    hidden = mem.shape[-1]
+    pairs = []
+    for layer, mem_k, mem_v in zip(flat, mem[0].unbind(0), mem[1].unbind(0)):
+        k, v = layer.unbind(0) if isinstance(layer, torch.Tensor) else layer
+        for cache, part in ((k, mem_k), (v, mem_v)):
+            pairs.append((cache.view(-1, block_size * hidden),
+                          part.view(-1, block_size * hidden)))
+    return pairs
+
+
+def _gather_blocks_cpu(flat: list[Any], slots: torch.Tensor, dst: torch.Tensor,
+                       block_size: int) -> bool:
+    blocks = _whole_blocks(slots, block_size)
+    if blocks is None:
+        return False
+    for cache, part in _kv_block_pairs(flat, dst, block_size):
+        torch.index_select(cache, 0, blocks, out=part)
+    return True
+
+
+def _scatter_blocks_cpu(flat: list[Any], slots: torch.Tensor, src: torch.Tensor,
+                        block_size: int) -> bool:
+    blocks = _whole_blocks(slots, block_size)
+    if blocks is None:
+        return False
+    _scatter_rows_cpu(_kv_block_pairs(flat, src, block_size), blocks)
+    return True

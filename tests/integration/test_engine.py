@@ -474,3 +474,30 @@ def test_per_request_salt(build):
     dst = paged_kwargs(g, CHUNK, zero=True)
     assert not engine.retrieve(toks, cache_salt="bob", **dst).any()
     assert engine.retrieve(toks, cache_salt="alice", **dst).all()
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_whole_page_chunks_round_trip(build, stacked):
+    """vLLM's usual case: chunks of whole pages (in any page order) take the page path."""
+    from lmcache.experimental.gpu_connector import _whole_blocks
+
+    g = Geometry()
+    n = 4 * CHUNK  # CHUNK == block_size: every chunk is one whole page
+    pages = torch.randperm(g.num_blocks, generator=torch.Generator().manual_seed(3))[: n // 16]
+    slots = pages.repeat_interleave(16) * 16 + torch.arange(16).repeat(len(pages))
+    assert _whole_blocks(slots[:CHUNK], g.block_size) is not None
+    assert _whole_blocks(slots[1:CHUNK + 1], g.block_size) is None
+    engine = build(make_config(), metadata(g), CONNECTORS["paged_v2_stacked"](g))
+    toks = tokens(n)
+    src = {"kvcaches": paged_cache(g, seed=12, stacked=stacked), "slot_mapping": slots}
+    engine.store(toks, **src)
+    dst = {"kvcaches": paged_cache(g, seed=12, stacked=stacked, zero=True),
+           "slot_mapping": slots}
+    assert bool(engine.retrieve(toks, **dst).all())
+    for a, b in zip(src["kvcaches"], dst["kvcaches"]):
+        a_kv = a if isinstance(a, torch.Tensor) else torch.stack(a)
+        b_kv = b if isinstance(b, torch.Tensor) else torch.stack(b)
+        assert torch.equal(a_kv[:, pages], b_kv[:, pages])  # the pages, bit-exact
+        others = torch.ones(g.num_blocks, dtype=torch.bool)
+        others[pages] = False
+        assert not b_kv[:, others].any()  # nothing else written

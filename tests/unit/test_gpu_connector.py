@@ -360,7 +360,8 @@ def test_torch_calls_do_not_grow_with_tokens(kind, allocator):
         caches = _nested_cache("heads", "pairs", torch.float16, gen)
         extra = {}
     counts = []
-    for n in (4, 256):
+    # both sizes whole pages, so that both take the same path (whole-page or per-token)
+    for n in (BLOCK_SIZE * 2, BLOCK_SIZE * 16):
         obj = _alloc(allocator, connector, n, torch.float16)
         _ = obj.tensor  # build the memory object's cached view outside the count
         with _CountOps() as ops:
