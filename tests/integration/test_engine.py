@@ -501,3 +501,26 @@ def test_whole_page_chunks_round_trip(build, stacked):
         others = torch.ones(g.num_blocks, dtype=torch.bool)
         others[pages] = False
         assert not b_kv[:, others].any()  # nothing else written
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("allocator", ["pinned", "mixed"])
+def test_cuda_paged_cache_through_pinned_memory(build, tmp_path, allocator):
+    g = Geometry()
+    config = make_config(allocator=allocator, local_disk=str(tmp_path / "d"),
+                         max_local_disk_size=0.01, gpu_connector={"name": "vllm_paged_v2",
+                                                                  "use_gpu": True})
+    engine = build(config, metadata(g), None)
+    n = 3 * CHUNK + 7
+    toks = tokens(n)
+    src = paged_kwargs(g, n, seed=21)
+    src = {"kvcaches": [t.cuda() for t in src["kvcaches"]],
+           "slot_mapping": src["slot_mapping"].cuda()}
+    engine.store(toks, **src)
+    engine.storage_manager.flush()
+    dst = {"kvcaches": [torch.zeros_like(t) for t in src["kvcaches"]],
+           "slot_mapping": src["slot_mapping"]}
+    assert bool(engine.retrieve(toks, **dst).all())
+    for a, b in zip(src["kvcaches"], dst["kvcaches"]):
+        assert torch.equal(slots_of(a, src["slot_mapping"]), slots_of(b, src["slot_mapping"]))
