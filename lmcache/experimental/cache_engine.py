@@ -99,7 +99,7 @@ class LMCacheEngine:
         connector = self._connector()
         cache_salt = kwargs.pop("cache_salt", None)
         manager = self.storage_manager
-        stored_keys, stored_tokens, stored_bytes = [], 0, 0
+        stored: dict[str, list] = defaultdict(lambda: [[], 0, 0])  # tiers done in this call
         started = time.perf_counter()
         for start, end, key in self._chunks(tokens, mask, cache_salt):
             if manager.is_stored_or_storing(key):
@@ -114,17 +114,15 @@ class LMCacheEngine:
                 break
             try:
                 connector.from_gpu(obj, start, end, **kwargs)
-                manager.put(key, obj, end - start)
+                for tier in manager.put(key, obj, end - start):
+                    _add(stored[tier], key, end - start, obj.get_size())
             finally:
                 obj.ref_count_down()
-            stored_keys.append(key)
-            stored_tokens += end - start
-            stored_bytes += obj.get_size()
-        if stored_keys and manager.cpu_tier is not None:
+        duration = time.perf_counter() - started
+        for tier, (keys, num_tokens, num_bytes) in stored.items():
             hooks().lmcache_chunks_stored(
-                engine_id=self.engine_id, tier="local_cpu", keys=stored_keys,
-                num_tokens=stored_tokens, num_bytes=stored_bytes,
-                duration_s=time.perf_counter() - started)
+                engine_id=self.engine_id, tier=tier, keys=keys, num_tokens=num_tokens,
+                num_bytes=num_bytes, duration_s=duration)
 
     @torch.no_grad()
     def retrieve(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
@@ -140,11 +138,11 @@ class LMCacheEngine:
         connector = self._connector()
         cache_salt = kwargs.pop("cache_salt", None)
         started = time.perf_counter()
-        ret_mask = torch.zeros(int(tokens.shape[0]) if isinstance(tokens, torch.Tensor) else 0,
-                               dtype=torch.bool)
+        chunks = self._chunks(tokens, mask, cache_salt)
+        ret_mask = torch.zeros(int(tokens.shape[0]), dtype=torch.bool)
         per_tier: dict[str, list] = defaultdict(lambda: [[], 0, 0])
         first = None
-        for start, end, key in self._chunks(tokens, mask, cache_salt):
+        for start, end, key in chunks:
             first = start if first is None else first
             found = self.storage_manager.get(key)
             if found is None:
@@ -155,10 +153,7 @@ class LMCacheEngine:
             finally:
                 obj.ref_count_down()
             ret_mask[start:end] = True
-            record = per_tier[tier]
-            record[0].append(key)
-            record[1] += end - start
-            record[2] += obj.get_size()
+            _add(per_tier[tier], key, end - start, obj.get_size())
         duration = time.perf_counter() - started
         for tier, (keys, num_tokens, num_bytes) in per_tier.items():
             hooks().lmcache_chunks_retrieved(
@@ -205,6 +200,13 @@ class LMCacheEngine:
         hooks().lmcache_engine_closing(engine_id=self.engine_id, engine=self)
         self._closed = True
         self.storage_manager.close()
+
+
+def _add(record: list, key: Any, num_tokens: int, num_bytes: int) -> None:
+    # per-tier tally of one operation: [keys, tokens, bytes], reported in one hook call
+    record[0].append(key)
+    record[1] += num_tokens
+    record[2] += num_bytes
 
 
 class LMCacheEngineBuilder:

@@ -383,6 +383,7 @@ def test_hooks_observe_the_engine(build, tmp_path):
     assert kinds[0] == "started" and kinds[-1] == "closing"
     stored = [c[1] for c in recorder.calls if c[0] == "stored"]
     assert {"tier": "local_cpu", "n": 3, "bytes": 3 * chunk_bytes} in stored
+    assert sum(s["n"] for s in stored if s["tier"] == "local_cpu") == 3  # reported once
     assert sum(s["n"] for s in stored if s["tier"] == "local_disk") == 3
     assert ("evicted", {"tier": "local_cpu", "n": 1}) in recorder.calls
     assert ("retrieved", {"tier": "local_disk", "n": 1}) in recorder.calls

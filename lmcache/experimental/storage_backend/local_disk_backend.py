@@ -537,15 +537,18 @@ class LocalDiskBackend(StorageBackendInterface):
             _fsync_dir(self.root)
 
     def _log_write_failure(self, key: CacheEngineKey, exc: BaseException) -> None:
+        self._log_counted("_write_failures", "write failures",
+                          f"writing {key} to {self.root} failed: {type(exc).__name__}: {exc}")
+
+    def _log_counted(self, counter: str, what: str, message: str) -> None:
+        """Count an event; the first is a warning, the rest go to DEBUG."""
         with self._lock:
-            self._write_failures += 1
-            first = self._write_failures == 1
-        logger.log(
-            logging.WARNING if first else logging.DEBUG,
-            "%s: writing %s to %s failed: %s: %s%s",
-            self.tier_name, key, self.root, type(exc).__name__, exc,
-            " (further write failures of this tier are logged at DEBUG level)" if first else "",
-        )
+            count = getattr(self, counter) + 1
+            setattr(self, counter, count)
+        first = count == 1
+        logger.log(logging.WARNING if first else logging.DEBUG, "%s: %s%s", self.tier_name,
+                   message, f" (further {what} of this tier are logged at DEBUG level)"
+                   if first else "")
 
     async def async_save_bytes_to_disk(self, key: CacheEngineKey, memory_obj: MemoryObj) -> bool:
         """`submit_put_task` for asyncio callers: waits for the write; returns whether
@@ -724,15 +727,8 @@ class LocalDiskBackend(StorageBackendInterface):
         return obj
 
     def _note_bad_object(self, path: str, reason: str) -> None:
-        with self._lock:
-            self._bad_objects += 1
-            first = self._bad_objects == 1
-        logger.log(
-            logging.WARNING if first else logging.DEBUG,
-            "%s: %s is unusable (%s); treated as a miss and deleted%s",
-            self.tier_name, path, reason,
-            " (further bad objects of this tier are logged at DEBUG level)" if first else "",
-        )
+        self._log_counted("_bad_objects", "bad objects",
+                          f"{path} is unusable ({reason}); treated as a miss and deleted")
 
     # -- lifecycle ------------------------------------------------------------------------
 

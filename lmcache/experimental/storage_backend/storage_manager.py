@@ -119,17 +119,23 @@ class StorageManager:
 
     # -- faults ------------------------------------------------------------------------------
 
-    def _fault(self, tier: str, operation: str, exc: BaseException) -> None:
+    def _report(self, tier: str, operation: str, exc: BaseException) -> None:
+        """Tell the hooks about a fault and log the first of its kind."""
         hooks().lmcache_storage_error(engine_id=self.engine_id, tier=tier,
                                       operation=operation, error=exc)
-        if not self.error_handling:
-            raise StorageFault(f"tier {tier!r} failed to {operation}: "
-                               f"{type(exc).__name__}: {exc}") from exc
         if (tier, operation) not in self._logged:
             self._logged.add((tier, operation))
-            logger.warning("tier %r failed to %s (%s: %s); treating it as a miss. Further "
-                           "failures of this kind are not logged.", tier, operation,
-                           type(exc).__name__, exc)
+            logger.warning("tier %r failed to %s (%s: %s). Further failures of this kind "
+                           "are not logged.", tier, operation, type(exc).__name__, exc)
+
+    def _fault(self, tier: str, operation: str, exc: BaseException) -> None:
+        """A fault on the caller's thread: a miss with ``error_handling``, else raised."""
+        if not self.error_handling:
+            hooks().lmcache_storage_error(engine_id=self.engine_id, tier=tier,
+                                          operation=operation, error=exc)
+            raise StorageFault(f"tier {tier!r} failed to {operation}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        self._report(tier, operation, exc)
 
     def _tiers_in(self, search_range: Sequence[str] | None) -> list[tuple[str, Any]]:
         if search_range is None:
@@ -194,8 +200,14 @@ class StorageManager:
                 self._fault(name, "contains", exc)
         return False
 
-    def put(self, key: CacheEngineKey, memory_obj: MemoryObj, num_tokens: int) -> None:
-        """Write ``memory_obj`` to every tier; the caller keeps its own reference."""
+    def put(self, key: CacheEngineKey, memory_obj: MemoryObj, num_tokens: int) -> list[str]:
+        """Write ``memory_obj`` to every tier; the caller keeps its own reference.
+
+        Returns the tiers that stored it before returning (the caller reports those in
+        one ``lmcache_chunks_stored`` call per operation); writes still in flight report
+        themselves when they finish.
+        """
+        done_now = []
         for name, tier in self.tiers.items():
             started = time.perf_counter()
             try:
@@ -203,12 +215,16 @@ class StorageManager:
             except Exception as exc:
                 self._fault(name, "put", exc)
                 continue
-            if future is not None and not future.done():
-                with self._lock:
-                    self._pending_puts[future] = None
-            if future is not None:
-                future.add_done_callback(self._put_done(name, key, num_tokens,
-                                                        memory_obj.get_size(), started))
+            if future is None:
+                continue
+            if future.done() and future.exception() is None:
+                done_now.append(name)
+                continue
+            with self._lock:
+                self._pending_puts[future] = None
+            future.add_done_callback(self._put_done(name, key, num_tokens,
+                                                    memory_obj.get_size(), started))
+        return done_now
 
     def _put_done(self, tier: str, key: CacheEngineKey, num_tokens: int, num_bytes: int,
                   started: float) -> Callable[[Future], None]:
@@ -217,10 +233,7 @@ class StorageManager:
                 self._pending_puts.pop(future, None)
             exc = future.exception()
             if exc is not None:
-                try:
-                    self._fault(tier, "put", exc)
-                except StorageFault:
-                    logger.error("asynchronous put of %s to tier %r failed: %s", key, tier, exc)
+                self._report(tier, "put", exc)  # no caller left to raise to
                 return
             hooks().lmcache_chunks_stored(
                 engine_id=self.engine_id, tier=tier, keys=[key], num_tokens=num_tokens,
@@ -234,7 +247,7 @@ class StorageManager:
         if pending is not None:
             try:
                 pending.result(timeout=PREFETCH_WAIT_S)
-            except (FutureTimeout, Exception):  # a failed prefetch is just not there
+            except Exception:  # a failed or slow prefetch is just not there
                 pass
         for name, tier in self._tiers_in(search_range):
             try:
@@ -288,10 +301,7 @@ class StorageManager:
                 exc = future.exception()
                 obj = None if exc is not None else future.result()
                 if exc is not None:
-                    try:
-                        self._fault(tier, "get", exc)
-                    except StorageFault:
-                        logger.error("prefetch of %s from tier %r failed: %s", key, tier, exc)
+                    self._report(tier, "get", exc)
                 if obj is not None:
                     if self.cpu_tier is not None:
                         self._promote(key, obj)
