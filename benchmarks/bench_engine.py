@@ -63,12 +63,16 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="directory for the disk tier")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    from lmcache.ops import cpu_ops
+
+    kernels = cpu_ops(wait=True) is not None
     n = args.tokens // CHUNK * CHUNK
     nbytes = n * LAYERS * 2 * HEADS * HEAD * DTYPE.itemsize
     work = Path(args.dir or tempfile.mkdtemp(prefix="lmcache-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"geometry: Llama-3-8B ({LAYERS} layers, {HEADS} KV heads, head {HEAD}, bf16), "
-          f"{n} tokens = {n // CHUNK} chunks of {CHUNK}, {nbytes / GIB:.2f} GiB; disk: {work}")
+          f"{n} tokens = {n // CHUNK} chunks of {CHUNK}, {nbytes / GIB:.2f} GiB; disk: {work}; "
+          f"CPU kernels: {'compiled' if kernels else 'off (pure torch)'}")
     layers, slots = make_paged(n)
     tokens = torch.randint(0, 128000, (n,))
     kw = {"kvcaches": layers, "slot_mapping": slots}

@@ -67,3 +67,12 @@ def make_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         return info
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_kernels_ready():
+    """Build (or load) the CPU kernels once, so tests take the same path every time;
+    tests/unit/test_cpu_ops.py compares them with the pure-torch path."""
+    from lmcache.ops import cpu_ops
+
+    cpu_ops(wait=True)

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 
 from lmcache.experimental.memory_management import MemoryFormat
+from lmcache.ops import cpu_ops, start_building
 from lmcache.plugin.options import PluginOptions
 
 if TYPE_CHECKING:
@@ -298,6 +299,7 @@ class _PagedKVConnector(GPUConnectorInterface):
         self.num_layers = num_layers
         self.use_gpu = bool(use_gpu)
         self._staging: torch.Tensor | None = None
+        start_building()  # the CPU kernels compile in the background; torch serves meanwhile
         self._staging_lock = threading.Lock()
 
     def get_shape(self, num_tokens: int) -> torch.Size:
@@ -435,6 +437,10 @@ class _PagedKVConnector(GPUConnectorInterface):
         flat, dst, slots, _ = self._prepare(memory_obj, start, end, kwargs, filling=True)
         device = flat[0][0].device
         if dst.device == device:
+            if device.type == "cpu" and _cpu_kernel_move(
+                    flat, slots, dst, _block_size(kwargs["kvcaches"]), to_cache=False):
+                memory_obj.metadata.fmt = MemoryFormat.KV_BLOB
+                return
             if device.type == "cpu" and _gather_blocks_cpu(
                     flat, slots, dst, _block_size(kwargs["kvcaches"])):
                 memory_obj.metadata.fmt = MemoryFormat.KV_BLOB
@@ -459,6 +465,9 @@ class _PagedKVConnector(GPUConnectorInterface):
                                                   filling=False)
         device = flat[0][0].device
         if src.device == device:
+            if device.type == "cpu" and _cpu_kernel_move(
+                    flat, slots, src, _block_size(kwargs["kvcaches"]), to_cache=True):
+                return
             if device.type == "cpu" and not skipped and _scatter_blocks_cpu(
                     flat, slots, src, _block_size(kwargs["kvcaches"])):
                 return
@@ -682,4 +691,34 @@ def _scatter_blocks_cpu(flat: list[Any], slots: torch.Tensor, src: torch.Tensor,
     if blocks is None:
         return False
     _scatter_rows_cpu(_kv_block_pairs(flat, src, block_size), blocks)
+    return True
+
+
+# -- native CPU kernels (lmcache.ops) -------------------------------------------------------
+
+#: Below this many bytes per chunk, ordinary stores beat non-temporal ones.
+_STREAM_MIN_BYTES = 1 << 20
+
+
+def _cpu_kernel_move(flat: list[Any], slots: torch.Tensor, mem: torch.Tensor,
+                     block_size: int, *, to_cache: bool) -> bool:
+    """Move a chunk with the compiled row-copy kernels; False when they are not built.
+
+    Whole pages move as one row each, otherwise one row per token; slots of -1 are
+    skipped by the scatter (the gather never sees them: `_chunk_slots` refuses them).
+    """
+    ops = cpu_ops()
+    if ops is None:
+        return False
+    blocks = _whole_blocks(slots, block_size)
+    if blocks is not None:
+        pairs, index = _kv_block_pairs(flat, mem, block_size), blocks
+    else:
+        pairs, index = [], slots
+        for layer, mem_k, mem_v in zip(flat, mem[0].unbind(0), mem[1].unbind(0)):
+            k, v = layer.unbind(0) if isinstance(layer, torch.Tensor) else layer
+            pairs += [(k, mem_k), (v, mem_v)]
+    stream = mem.numel() * mem.element_size() >= _STREAM_MIN_BYTES
+    move = ops.scatter_rows if to_cache else ops.gather_rows
+    move([c for c, _ in pairs], [m for _, m in pairs], index.contiguous(), stream)
     return True

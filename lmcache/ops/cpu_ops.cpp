@@ -1,0 +1,117 @@
+// CPU kernels for moving KV between a serving engine's paged cache and lmcache's memory
+// objects: one memcpy per row (a token's K or V, or a whole page), rows in any order,
+// spread over torch's intra-op threads, with non-temporal stores so that writing to
+// scattered destinations does not first read them into the cache.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LMCACHE_STREAM 1
+#endif
+
+namespace {
+
+inline void copy_row(char* dst, const char* src, size_t n, bool stream) {
+#ifdef LMCACHE_STREAM
+  if (stream) {
+    size_t head = (64 - (reinterpret_cast<uintptr_t>(dst) & 63)) & 63;
+    if (head > n) head = n;
+    std::memcpy(dst, src, head);
+    size_t i = head;
+#if defined(__AVX512F__)
+    for (; i + 64 <= n; i += 64)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i),
+                          _mm512_loadu_si512(reinterpret_cast<const void*>(src + i)));
+#elif defined(__AVX__)
+    for (; i + 32 <= n; i += 32)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+#else
+    for (; i + 16 <= n; i += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+#endif
+    if (i < n) std::memcpy(dst + i, src + i, n - i);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
+void check_pairs(const std::vector<torch::Tensor>& paged, const std::vector<torch::Tensor>& dense,
+                 const torch::Tensor& index) {
+  TORCH_CHECK(paged.size() == dense.size(), "paged and dense lists differ in length");
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == torch::kInt64 && index.is_contiguous(),
+              "index must be a contiguous 1-D int64 tensor");
+  for (size_t j = 0; j < paged.size(); ++j) {
+    const auto& p = paged[j];
+    const auto& d = dense[j];
+    TORCH_CHECK(p.device().is_cpu() && d.device().is_cpu(), "tensors must be on the CPU");
+    TORCH_CHECK(p.dim() == 2 && d.dim() == 2 && p.is_contiguous() && d.is_contiguous(),
+                "rows must be contiguous [rows, row_bytes] tensors");
+    TORCH_CHECK(p.size(1) == d.size(1) && p.element_size() == d.element_size(),
+                "row sizes differ");
+    TORCH_CHECK(d.size(0) == index.numel(), "dense rows must match the index");
+  }
+}
+
+// dense[j][r] -> paged[j][index[r]] (rows with index < 0 are skipped)
+void scatter_rows(std::vector<torch::Tensor> paged, std::vector<torch::Tensor> dense,
+                  torch::Tensor index, bool stream) {
+  check_pairs(paged, dense, index);
+  const int64_t* ix = index.data_ptr<int64_t>();
+  const int64_t n = index.numel();
+  at::parallel_for(0, static_cast<int64_t>(paged.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      char* dst = static_cast<char*>(paged[j].data_ptr());
+      const char* src = static_cast<const char*>(dense[j].data_ptr());
+      const int64_t rows = paged[j].size(0);
+      const size_t rb = paged[j].size(1) * paged[j].element_size();
+      for (int64_t r = 0; r < n; ++r) {
+        if (ix[r] < 0) continue;
+        TORCH_CHECK(ix[r] < rows, "index out of range");
+        copy_row(dst + ix[r] * rb, src + r * rb, rb, stream);
+      }
+    }
+#ifdef LMCACHE_STREAM
+    _mm_sfence();
+#endif
+  });
+}
+
+// paged[j][index[r]] -> dense[j][r]
+void gather_rows(std::vector<torch::Tensor> paged, std::vector<torch::Tensor> dense,
+                 torch::Tensor index, bool stream) {
+  check_pairs(paged, dense, index);
+  const int64_t* ix = index.data_ptr<int64_t>();
+  const int64_t n = index.numel();
+  at::parallel_for(0, static_cast<int64_t>(paged.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      const char* src = static_cast<const char*>(paged[j].data_ptr());
+      char* dst = static_cast<char*>(dense[j].data_ptr());
+      const int64_t rows = paged[j].size(0);
+      const size_t rb = paged[j].size(1) * paged[j].element_size();
+      for (int64_t r = 0; r < n; ++r) {
+        TORCH_CHECK(ix[r] >= 0 && ix[r] < rows, "index out of range");
+        copy_row(dst + r * rb, src + ix[r] * rb, rb, stream);
+      }
+    }
+#ifdef LMCACHE_STREAM
+    _mm_sfence();
+#endif
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("scatter_rows", &scatter_rows, py::call_guard<py::gil_scoped_release>(),
+        "dense rows -> paged rows at index (index < 0 skipped)");
+  m.def("gather_rows", &gather_rows, py::call_guard<py::gil_scoped_release>(),
+        "paged rows at index -> dense rows");
+}

@@ -1,0 +1,86 @@
+"""The compiled CPU kernels and the pure-torch path give the same, exact results."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from lmcache.experimental.gpu_connector import VLLMPagedMemGPUConnectorV2, _whole_blocks
+from lmcache.experimental.memory_management import HostMemoryAllocator
+from lmcache.ops import ENV, cpu_ops
+from tests.kvutil import Geometry, paged_cache, slots_of
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler")
+
+
+@needs_compiler
+def test_kernels_build_here():
+    ops = cpu_ops(wait=True)
+    assert ops is not None and hasattr(ops, "scatter_rows") and hasattr(ops, "gather_rows")
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv(ENV, "0")
+    assert cpu_ops(wait=True) is None
+
+
+def _slots(g: Geometry, n: int, pages: bool, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if pages:
+        order = torch.randperm(g.num_blocks, generator=gen)[: n // g.block_size]
+        return order.repeat_interleave(g.block_size) * g.block_size + \
+            torch.arange(g.block_size).repeat(len(order))
+    return torch.randperm(g.num_blocks * g.block_size, generator=gen)[:n]
+
+
+def _round_trip(g, slots, stacked, skip_prefix):
+    conn = VLLMPagedMemGPUConnectorV2(g.hidden, g.num_layers)
+    alloc = HostMemoryAllocator(8 << 20)
+    n = slots.numel()
+    obj = alloc.allocate(conn.get_shape(n), g.dtype)
+    src = paged_cache(g, seed=5, stacked=stacked)
+    conn.from_gpu(obj, 0, n, kvcaches=src, slot_mapping=slots)
+    blob = obj.tensor.clone()
+    dst = paged_cache(g, seed=6, stacked=stacked)  # random, to see what is left alone
+    before = [t.clone() if isinstance(t, torch.Tensor) else (t[0].clone(), t[1].clone())
+              for t in dst]
+    mapping = slots.clone()
+    if skip_prefix:
+        mapping[: g.block_size] = -1  # prefix cached by the serving engine
+    conn.to_gpu(obj, 0, n, kvcaches=dst, slot_mapping=mapping)
+    obj.ref_count_down()
+    return src, blob, before, dst, mapping
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("pages", [True, False])
+@pytest.mark.parametrize("stacked", [True, False])
+@pytest.mark.parametrize("skip_prefix", [False, True])
+def test_kernel_and_torch_paths_agree(monkeypatch, dtype, pages, stacked, skip_prefix):
+    g = Geometry(dtype=dtype, num_blocks=32)
+    n = 4 * g.block_size
+    slots = _slots(g, n, pages, seed=1)
+    assert (_whole_blocks(slots, g.block_size) is not None) == pages
+    results = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv(ENV, mode)
+        assert (cpu_ops(wait=True) is None) == (mode == "0")
+        results[mode] = _round_trip(g, slots, stacked, skip_prefix)
+    for mode, (src, blob, before, dst, mapping) in results.items():
+        # the chunk holds exactly the source slots
+        for i, layer in enumerate(src):
+            kv = slots_of(layer, slots)
+            assert torch.equal(blob[:, i], kv.reshape(2, n, -1)), mode
+        # the cache got the chunk where the mapping is >= 0 and kept everything else
+        keep = mapping >= 0
+        for layer, old, new in zip(src, before, dst):
+            assert torch.equal(slots_of(new, mapping[keep]), slots_of(layer, slots[keep]))
+            untouched = torch.ones(g.num_blocks * g.block_size, dtype=torch.bool)
+            untouched[mapping[keep]] = False
+            idx = untouched.nonzero().squeeze(1)
+            assert torch.equal(slots_of(new, idx), slots_of(old, idx)), mode
+    assert torch.equal(results["1"][1], results["0"][1])
