@@ -138,22 +138,24 @@ class LMCacheEngine:
         connector = self._connector()
         cache_salt = kwargs.pop("cache_salt", None)
         started = time.perf_counter()
-        chunks = self._chunks(tokens, mask, cache_salt)
+        chunks = list(self._chunks(tokens, mask, cache_salt))
         ret_mask = torch.zeros(int(tokens.shape[0]), dtype=torch.bool)
         per_tier: dict[str, list] = defaultdict(lambda: [[], 0, 0])
-        first = None
-        for start, end, key in chunks:
-            first = start if first is None else first
-            found = self.storage_manager.get(key)
-            if found is None:
-                break
-            obj, tier = found
-            try:
-                connector.to_gpu(obj, start, end, **kwargs)
-            finally:
-                obj.ref_count_down()
-            ret_mask[start:end] = True
-            _add(per_tier[tier], key, end - start, obj.get_size())
+        first = chunks[0][0] if chunks else None
+        found_all = self.storage_manager.iter_get([key for _, _, key in chunks])
+        try:
+            for (start, end, key), found in zip(chunks, found_all):
+                if found is None:
+                    break
+                obj, tier = found
+                try:
+                    connector.to_gpu(obj, start, end, **kwargs)
+                finally:
+                    obj.ref_count_down()
+                ret_mask[start:end] = True
+                _add(per_tier[tier], key, end - start, obj.get_size())
+        finally:
+            found_all.close()  # releases chunks read ahead and not used
         duration = time.perf_counter() - started
         for tier, (keys, num_tokens, num_bytes) in per_tier.items():
             hooks().lmcache_chunks_retrieved(

@@ -6,7 +6,10 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <atomic>
 #include <cstring>
+#include <algorithm>
+#include <tuple>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -43,6 +46,20 @@ inline void copy_row(char* dst, const char* src, size_t n, bool stream) {
   std::memcpy(dst, src, n);
 }
 
+// Runs job(j) for j in [0, jobs) on torch's threads, handing out jobs one at a time so
+// that a thread slowed by other work (disk readers, hashing) does not hold the rest up.
+template <typename F>
+void for_each_job(int64_t jobs, const F& job, bool stream) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), jobs));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t j = next.fetch_add(1); j < jobs; j = next.fetch_add(1)) job(j);
+#ifdef LMCACHE_STREAM
+    if (stream) _mm_sfence();
+#endif
+  });
+}
+
 void check_pairs(const std::vector<torch::Tensor>& paged, const std::vector<torch::Tensor>& dense,
                  const torch::Tensor& index) {
   TORCH_CHECK(paged.size() == dense.size(), "paged and dense lists differ in length");
@@ -66,22 +83,17 @@ void scatter_rows(std::vector<torch::Tensor> paged, std::vector<torch::Tensor> d
   check_pairs(paged, dense, index);
   const int64_t* ix = index.data_ptr<int64_t>();
   const int64_t n = index.numel();
-  at::parallel_for(0, static_cast<int64_t>(paged.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
-      char* dst = static_cast<char*>(paged[j].data_ptr());
-      const char* src = static_cast<const char*>(dense[j].data_ptr());
-      const int64_t rows = paged[j].size(0);
-      const size_t rb = paged[j].size(1) * paged[j].element_size();
-      for (int64_t r = 0; r < n; ++r) {
-        if (ix[r] < 0) continue;
-        TORCH_CHECK(ix[r] < rows, "index out of range");
-        copy_row(dst + ix[r] * rb, src + r * rb, rb, stream);
-      }
+  for_each_job(static_cast<int64_t>(paged.size()), [&](int64_t j) {
+    char* dst = static_cast<char*>(paged[j].data_ptr());
+    const char* src = static_cast<const char*>(dense[j].data_ptr());
+    const int64_t rows = paged[j].size(0);
+    const size_t rb = paged[j].size(1) * paged[j].element_size();
+    for (int64_t r = 0; r < n; ++r) {
+      if (ix[r] < 0) continue;
+      TORCH_CHECK(ix[r] < rows, "index out of range");
+      copy_row(dst + ix[r] * rb, src + r * rb, rb, stream);
     }
-#ifdef LMCACHE_STREAM
-    _mm_sfence();
-#endif
-  });
+  }, stream);
 }
 
 // paged[j][index[r]] -> dense[j][r]
@@ -90,21 +102,35 @@ void gather_rows(std::vector<torch::Tensor> paged, std::vector<torch::Tensor> de
   check_pairs(paged, dense, index);
   const int64_t* ix = index.data_ptr<int64_t>();
   const int64_t n = index.numel();
-  at::parallel_for(0, static_cast<int64_t>(paged.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
-      const char* src = static_cast<const char*>(paged[j].data_ptr());
-      char* dst = static_cast<char*>(dense[j].data_ptr());
-      const int64_t rows = paged[j].size(0);
-      const size_t rb = paged[j].size(1) * paged[j].element_size();
-      for (int64_t r = 0; r < n; ++r) {
-        TORCH_CHECK(ix[r] >= 0 && ix[r] < rows, "index out of range");
-        copy_row(dst + r * rb, src + ix[r] * rb, rb, stream);
-      }
+  for_each_job(static_cast<int64_t>(paged.size()), [&](int64_t j) {
+    const char* src = static_cast<const char*>(paged[j].data_ptr());
+    char* dst = static_cast<char*>(dense[j].data_ptr());
+    const int64_t rows = paged[j].size(0);
+    const size_t rb = paged[j].size(1) * paged[j].element_size();
+    for (int64_t r = 0; r < n; ++r) {
+      TORCH_CHECK(ix[r] >= 0 && ix[r] < rows, "index out of range");
+      copy_row(dst + r * rb, src + ix[r] * rb, rb, stream);
     }
-#ifdef LMCACHE_STREAM
-    _mm_sfence();
-#endif
-  });
+  }, stream);
+}
+
+// The "sum64" payload checksum over rows of 1024 little-endian 64-bit words (see
+// lmcache/experimental/storage_backend/object_format.py): returns (sum of row sums,
+// sum of (first_row + j + 1) * row sum j), both modulo 2**64.
+std::tuple<uint64_t, uint64_t> sum64_rows(int64_t address, int64_t nbytes, int64_t first_row) {
+  constexpr int64_t kRowWords = 1024;
+  TORCH_CHECK(nbytes >= 0 && nbytes % (kRowWords * 8) == 0, "nbytes must be whole rows");
+  const uint64_t* w = reinterpret_cast<const uint64_t*>(address);
+  const int64_t rows = nbytes / (kRowWords * 8);
+  uint64_t a = 0, b = 0;
+  for (int64_t j = 0; j < rows; ++j) {
+    const uint64_t* p = w + j * kRowWords;
+    uint64_t r = 0;
+    for (int64_t k = 0; k < kRowWords; ++k) r += p[k];
+    a += r;
+    b += static_cast<uint64_t>(first_row + j + 1) * r;
+  }
+  return {a, b};
 }
 
 }  // namespace
@@ -114,4 +140,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dense rows -> paged rows at index (index < 0 skipped)");
   m.def("gather_rows", &gather_rows, py::call_guard<py::gil_scoped_release>(),
         "paged rows at index -> dense rows");
+  m.def("sum64_rows", &sum64_rows, py::call_guard<py::gil_scoped_release>(),
+        "sum64 checksum terms of whole 8 KiB rows at a CPU address");
 }

@@ -402,6 +402,13 @@ class _FailingDisk:
     def get_blocking(self, key):
         raise OSError(5, "Input/output error")
 
+    def submit_prefetch_task(self, key):  # reads ahead fail the same way
+        from concurrent.futures import Future
+
+        future = Future()
+        future.set_exception(OSError(5, "Input/output error"))
+        return future
+
 
 @pytest.mark.parametrize("error_handling", [True, False])
 def test_error_handling(build, tmp_path, error_handling, caplog):

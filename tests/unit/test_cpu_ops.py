@@ -84,3 +84,23 @@ def test_kernel_and_torch_paths_agree(monkeypatch, dtype, pages, stacked, skip_p
             idx = untouched.nonzero().squeeze(1)
             assert torch.equal(slots_of(new, idx), slots_of(old, idx)), mode
     assert torch.equal(results["1"][1], results["0"][1])
+
+
+@needs_compiler
+@pytest.mark.parametrize("nbytes", [0, 8, 8192, 8192 * 3 + 5, (4 << 20) + 8192 * 7 + 13])
+def test_sum64_checksum_same_with_and_without_kernels(monkeypatch, nbytes):
+    from lmcache.experimental.storage_backend.object_format import PayloadHasher
+
+    data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(nbytes)).numpy().tobytes()
+    digests = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv(ENV, mode)
+        assert (cpu_ops(wait=True) is None) == (mode == "0")
+        whole = PayloadHasher("sum64").update(data).digest()
+        split = 8192 * 2
+        pieces = PayloadHasher("sum64").update(data[:split]).update(data[split:]).digest() \
+            if nbytes > split else whole
+        assert whole == pieces
+        digests[mode] = whole
+    assert digests["1"] == digests["0"]

@@ -160,7 +160,7 @@ class LocalDiskBackend(StorageBackendInterface):
             "are deleted to stay under it.",
         )
         num_writers: int = Field(
-            default=1, ge=1, description="Threads that write chunks in the background."
+            default=2, ge=1, description="Threads that write chunks in the background."
         )
         checksum: Literal["sum64", "crc32"] = Field(
             default="sum64",
@@ -185,7 +185,7 @@ class LocalDiskBackend(StorageBackendInterface):
         memory_allocator: MemoryAllocatorInterface,
         max_size_gb: float,
         *,
-        num_writers: int = 1,
+        num_writers: int = 2,
         num_readers: int = 2,
         checksum: str = "sum64",
         fsync: bool = False,

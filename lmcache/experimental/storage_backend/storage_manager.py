@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ TIER_ALIASES = {"Hot": "local_cpu", "LocalCPUBackend": "local_cpu",
                 "LocalDiskBackend": "local_disk"}
 #: Longest a retrieve waits for a chunk that a prefetch is already loading.
 PREFETCH_WAIT_S = 30.0
+#: Chunks `StorageManager.iter_get` reads ahead from the tiers below the CPU.
+READ_AHEAD = 3
 #: Longest an allocation waits for writes to lower tiers to release memory.
 WRITE_BACKPRESSURE_S = 10.0
 
@@ -263,6 +266,65 @@ class StorageManager:
                 self._promote(key, obj)
             return obj, name
         return None
+
+    def iter_get(self, keys: Sequence[CacheEngineKey],
+                 search_range: Sequence[str] | None = None,
+                 read_ahead: int = READ_AHEAD) -> Iterator[tuple[MemoryObj, str] | None]:
+        """`get` for a run of keys, reading up to ``read_ahead`` chunks ahead from the
+        tiers below the CPU, so that loading chunk i+1 overlaps the caller's work on
+        chunk i. Yields what `get` returns, in order. Close the iterator (or let it end)
+        when stopping early: chunks read ahead and not taken are released then.
+        """
+        tiers = self._tiers_in(search_range)
+        pending: deque[tuple[CacheEngineKey, Future | None, str]] = deque()
+        upcoming = iter(keys)
+
+        def launch() -> None:
+            key = next(upcoming, None)
+            if key is None:
+                return
+            future, source = None, ""
+            cpu = self.cpu_tier
+            if not (cpu is not None and cpu.contains(key)) and key not in self._prefetching:
+                for name, tier in tiers:
+                    if name == CPU_TIER:
+                        continue
+                    try:
+                        if tier.contains(key):
+                            future, source = tier.submit_prefetch_task(key), name
+                            break
+                    except Exception as exc:
+                        self._fault(name, "get", exc)
+            pending.append((key, future, source))
+
+        try:
+            for _ in range(max(1, read_ahead)):
+                launch()
+            while pending:
+                key, future, source = pending.popleft()
+                launch()
+                obj = None
+                if future is not None:
+                    try:
+                        obj = future.result()
+                    except Exception as exc:
+                        self._fault(source, "get", exc)
+                if obj is None:
+                    yield self.get(key, search_range)
+                    continue
+                if self.cpu_tier is not None:
+                    self._promote(key, obj)
+                yield obj, source
+        finally:
+            for _, future, _ in pending:  # read ahead, never taken
+                if future is None:
+                    continue
+                try:
+                    obj = future.result()
+                except Exception:
+                    continue
+                if obj is not None:
+                    obj.ref_count_down()
 
     def _promote(self, key: CacheEngineKey, obj: MemoryObj) -> None:
         try:
