@@ -796,7 +796,7 @@ def test_a_read_only_directory(open_backend, allocator, tmp_path):
 
 def test_options_model():
     options = LocalDiskBackend.Options(path="/tmp/x", max_size_gb=2)
-    assert (options.num_writers, options.checksum, options.fsync) == (1, "sum64", False)
+    assert (options.num_writers, options.checksum, options.fsync) == (2, "sum64", False)
     for bad in ({"max_size_gb": 0}, {"checksum": "md5"}, {"num_writers": 0},
                 {"unknown": 1}, {"path": None}):
         with pytest.raises(pydantic.ValidationError):
