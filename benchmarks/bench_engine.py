@@ -167,7 +167,9 @@ def main() -> None:
         return elapsed
 
     # The tier alone, on chunks already in CPU memory: what it adds to raw file I/O.
-    staged = engine("bench-stage", disk_config)
+    stage_dir = work / "tier"  # its own directory: two live disk tiers never share one
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    staged = engine("bench-stage", disk_config.model_copy(update={"local_disk": str(stage_dir)}))
     manager = staged.storage_manager
     chunk_list = list(staged.token_database.process_tokens(tokens))
     objs = []
@@ -230,8 +232,8 @@ def main() -> None:
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
     else:
-        shutil.rmtree(raw_dir, ignore_errors=True)
-        shutil.rmtree(disk, ignore_errors=True)
+        for folder in (raw_dir, disk, stage_dir):
+            shutil.rmtree(folder, ignore_errors=True)
     os.sync()
 
 
