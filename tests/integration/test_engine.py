@@ -532,3 +532,15 @@ def test_cuda_paged_cache_through_pinned_memory(build, tmp_path, allocator):
     assert bool(engine.retrieve(toks, **dst).all())
     for a, b in zip(src["kvcaches"], dst["kvcaches"]):
         assert torch.equal(slots_of(a, src["slot_mapping"]), slots_of(b, src["slot_mapping"]))
+
+
+@pytest.mark.parametrize("where", ["file-in-the-way", "under-a-file"])
+def test_unusable_disk_path_is_a_clear_error(tmp_path, where):
+    g = Geometry()
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    path = blocker if where == "file-in-the-way" else blocker / "cache"
+    config = disk_config(path)
+    with pytest.raises(ValueError, match=r"cannot start storage tier 'local_disk' \(path="):
+        LMCacheEngineBuilder.get_or_create(f"bad-{where}", config, metadata(g), None)
+    assert LMCacheEngineBuilder.get(f"bad-{where}") is None

@@ -98,10 +98,19 @@ class StorageManager:
                 logger.warning("remote_url %s is set but no remote tier is installed; "
                                "running without it", spec.options.get("url"))
                 continue
-            manager.add_tier(spec.name, registry.create(
-                "storage_backend", spec.name, spec.options, config, metadata,
-                memory_allocator=manager.reclaiming_allocator, tier_name=spec.name,
-                on_evicted=manager._evicted_callback(spec.name)))
+            try:
+                backend = registry.create(
+                    "storage_backend", spec.name, spec.options, config, metadata,
+                    memory_allocator=manager.reclaiming_allocator, tier_name=spec.name,
+                    on_evicted=manager._evicted_callback(spec.name))
+            except OSError as exc:  # a path that cannot be a cache directory, ...
+                manager.close()
+                options = ", ".join(f"{k}={v!r}" for k, v in spec.options.items())
+                raise ValueError(
+                    f"cannot start storage tier {spec.name!r} ({options}): "
+                    f"{type(exc).__name__}: {exc}; expected a location this process can "
+                    f"create and write") from exc
+            manager.add_tier(spec.name, backend)
         return manager
 
     def add_tier(self, name: str, backend: StorageBackendInterface) -> None:
