@@ -1,0 +1,481 @@
+"""The implementation behind vLLM's built-in ``LMCacheConnectorV1``.
+
+vLLM creates one `LMCacheConnectorV1Impl` in the scheduler (role ``SCHEDULER``) and
+one in every worker (role ``WORKER``); its wrapper forwards each call of the KV
+connector API to it.
+
+Scheduler side
+    `get_num_new_matched_tokens` asks worker 0's engine how many prompt tokens are
+    cached (see `lookup`), leaves out what vLLM's own prefix cache already holds, and
+    never offers the whole prompt (vLLM must compute the last prompt token to sample).
+    `build_connector_meta` tells the workers, per request and step, which chunks to
+    load before the forward pass and which to store after it; block ids come from the
+    scheduler output.
+
+Worker side
+    `register_kv_caches` builds the cache engine for the worker from the lmcache
+    configuration and picks the connector for the layout of vLLM's KV cache: vLLM's
+    CPU backend (``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` per layer,
+    moved as whole blocks by ``vllm_cpu_blocks``) or the flash-attention layout
+    (``[2, num_blocks, block_size, num_kv_heads, head_size]``, ``vllm_paged_v2``).
+    `start_load_kv` loads every request's chunks before the forward pass,
+    `wait_for_save` stores the chunks computed in it. A chunk that cannot be loaded
+    (missing, corrupt, a tier that failed) is reported through
+    `get_block_ids_with_load_errors`, and vLLM recomputes from there; a store that
+    fails costs a future miss. Neither ever raises into vLLM.
+
+Configuration
+    ``LMCACHE_CONFIG_FILE`` names a YAML file; ``LMCACHE_<FIELD>`` variables override it.
+    Without either, the embedded default applies: the CPU tier plus a disk tier in
+    ``./.lmcache`` (the working directory of vLLM), no server needed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmcache.experimental.cache_engine import LMCacheEngine, LMCacheEngineBuilder
+from lmcache.experimental.config import (
+    CONFIG_FILE_ENV,
+    ENV_PREFIX,
+    ConfigError,
+    LMCacheEngineConfig,
+    LMCacheEngineMetadata,
+    env_overrides,
+)
+from lmcache.integration.vllm.lookup import LookupClient, LookupServer
+from lmcache.plugin.registry import registry
+
+try:  # the base class of connector metadata; absent when vLLM is not installed
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorMetadata as _MetadataBase,
+    )
+except ImportError:  # pragma: no cover - vLLM is what calls this module
+    _MetadataBase = object  # type: ignore[assignment,misc]
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+__all__ = ["LMCacheConnectorV1Impl", "LMCacheConnectorMetadata", "load_config",
+           "DEFAULT_DISK_DIR"]
+
+logger = logging.getLogger(__name__)
+
+
+def _configure_logging() -> None:
+    """Make lmcache's messages visible next to vLLM's (level from ``LMCACHE_LOG_LEVEL``,
+    default INFO), unless the application configured the ``lmcache`` logger itself."""
+    root = logging.getLogger("lmcache")
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(
+        "(lmcache pid=%(process)d) %(levelname)s %(asctime)s %(message)s", "%m-%d %H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(os.environ.get("LMCACHE_LOG_LEVEL", "INFO").upper())
+    root.propagate = False
+
+
+_configure_logging()
+
+#: Where the embedded default keeps the disk tier, relative to the working directory.
+DEFAULT_DISK_DIR = ".lmcache"
+#: Size of the embedded default's tiers, in GB.
+DEFAULT_CPU_GB = 5.0
+DEFAULT_DISK_GB = 20.0
+
+
+def load_config(environ: dict[str, str] | None = None) -> LMCacheEngineConfig:
+    """The configuration of the vLLM integration.
+
+    ``LMCACHE_CONFIG_FILE`` and ``LMCACHE_<FIELD>`` as in
+    `LMCacheEngineConfig.from_env`; when neither names a disk tier nor the tiers, the
+    embedded default adds the disk tier in `DEFAULT_DISK_DIR`.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(CONFIG_FILE_ENV):
+        if environ is None:
+            return LMCacheEngineConfig.from_env()
+        saved = dict(os.environ)
+        try:
+            os.environ.clear()
+            os.environ.update(environ)
+            return LMCacheEngineConfig.from_env()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    overrides = env_overrides(dict(env))
+    data: dict[str, Any] = {}
+    if not {"local_disk", "storage_backends"} & set(overrides):
+        data = {"local_cpu": True, "max_local_cpu_size": DEFAULT_CPU_GB,
+                "local_disk": os.path.abspath(DEFAULT_DISK_DIR),
+                "max_local_disk_size": DEFAULT_DISK_GB}
+    data.update(overrides)
+    try:
+        return LMCacheEngineConfig(**data)
+    except ConfigError as exc:
+        origins = {name: f"${ENV_PREFIX}{name.upper()}" for name in overrides}
+        raise exc.with_source("the environment", origins) from None
+
+
+# ---------------------------------------------------------------------------------------
+# What the scheduler tells the workers
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadSpec:
+    """Load chunks of ``tokens[:lmcache_tokens]``; vLLM holds ``vllm_cached`` tokens and
+    expects ``vllm_cached + num_external`` computed tokens after the load."""
+
+    vllm_cached: int
+    lmcache_tokens: int
+    num_external: int
+
+
+@dataclass
+class RequestMeta:
+    req_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    cache_salt: str | None
+    load: LoadSpec | None = None
+    #: store ``token_ids[:save_end]``, skipping the first ``save_skip`` (chunk aligned)
+    save_skip: int = 0
+    save_end: int = 0
+
+
+@dataclass
+class LMCacheConnectorMetadata(_MetadataBase):  # type: ignore[misc]
+    requests: list[RequestMeta] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    """The scheduler's record of one running request."""
+
+    request: Any
+    block_ids: list[int] = field(default_factory=list)
+    saved: int = 0  # tokens known to be in lmcache
+    load: LoadSpec | None = None
+    load_sent: bool = False
+
+
+# ---------------------------------------------------------------------------------------
+# The connector
+# ---------------------------------------------------------------------------------------
+
+
+class LMCacheConnectorV1Impl:
+    """What vLLM's ``LMCacheConnectorV1`` delegates to (see the module docstring)."""
+
+    def __init__(self, vllm_config: VllmConfig, role: Any, parent: Any) -> None:
+        self.vllm_config = vllm_config
+        self.parent = parent
+        self.is_scheduler = getattr(role, "name", str(role)) == "SCHEDULER"
+        self.config = load_config()
+        self.chunk_size = self.config.chunk_size
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.instance_id = vllm_config.instance_id or "default"
+        kv_role = getattr(vllm_config.kv_transfer_config, "kv_role", "kv_both")
+        self.can_load = kv_role in ("kv_both", "kv_consumer")
+        self.can_save = kv_role in ("kv_both", "kv_producer")
+        self.save_decode_cache = bool(self.config.save_decode_cache)
+        # scheduler
+        self._tracked: dict[str, _Tracked] = {}
+        self._lookup = LookupClient(self.instance_id) if self.is_scheduler else None
+        # worker
+        self.engine: LMCacheEngine | None = None
+        self._engine_id: str | None = None
+        self._kvcaches: list[torch.Tensor] = []
+        self._metadata: LMCacheConnectorMetadata | None = None
+        self._load_errors: set[int] = set()
+        self._server: LookupServer | None = None
+        self._warned: set[str] = set()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        atexit.register(_close_at_exit, weakref.ref(self))
+        logger.info("lmcache connector (%s) for %s: chunk %d tokens, tiers %s",
+                    "scheduler" if self.is_scheduler else "worker",
+                    vllm_config.model_config.model, self.chunk_size,
+                    [s.name for s in self.config.storage_backend_specs()])
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _warn_once(self, what: str, exc: BaseException) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            logger.warning("lmcache: %s failed (%s: %s); vLLM goes on without the cache "
+                           "for it (logged once)", what, type(exc).__name__, exc,
+                           exc_info=exc)
+
+    def _slot_mapping(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
+        bs = self.block_size
+        blocks = torch.tensor(block_ids[:-(-num_tokens // bs)], dtype=torch.int64)
+        if blocks.numel() * bs < num_tokens:
+            raise ValueError(f"{blocks.numel()} blocks cannot hold {num_tokens} tokens")
+        slots = (blocks.unsqueeze(1) * bs + torch.arange(bs)).view(-1)
+        return slots[:num_tokens]
+
+    # ======================================================================================
+    # Worker side
+    # ======================================================================================
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Build this worker's cache engine for vLLM's KV cache tensors."""
+        if self.engine is not None:
+            return
+        layers = list(kv_caches.values())
+        if not layers:
+            raise ValueError("vLLM registered no KV cache layers")
+        first = layers[0]
+        if first.dim() == 4:
+            _, heads, bs, two_hs = first.shape
+            if bs != self.block_size or two_hs % 2:
+                raise ValueError(f"KV cache layer of shape {tuple(first.shape)}; expected "
+                                 f"[num_blocks, num_kv_heads, {self.block_size}, "
+                                 "2*head_size] (vLLM's CPU layout)")
+            head_size, default_connector = two_hs // 2, "vllm_cpu_blocks"
+            options: dict[str, Any] = {"block_size": self.block_size}
+        elif first.dim() == 5 and first.shape[0] == 2:
+            _, _, bs, heads, head_size = first.shape
+            default_connector = "vllm_paged_v2"
+            options = {"use_gpu": first.device.type == "cuda"}
+        else:
+            raise ValueError(f"KV cache layer of shape {tuple(first.shape)}; expected vLLM's "
+                             "CPU layout [num_blocks, num_kv_heads, block_size, 2*head_size] "
+                             "or the flash-attention layout [2, num_blocks, block_size, "
+                             "num_kv_heads, head_size]")
+        try:
+            from vllm.distributed.parallel_state import (
+                get_tensor_model_parallel_rank,
+                get_tensor_model_parallel_world_size,
+            )
+            rank = get_tensor_model_parallel_rank()
+            world_size = get_tensor_model_parallel_world_size()
+        except Exception:  # no parallel state (a bare worker in tests): one worker
+            rank, world_size = 0, 1
+        metadata = LMCacheEngineMetadata(
+            model_name=str(self.vllm_config.model_config.model), world_size=world_size,
+            worker_id=rank, fmt="vllm", kv_dtype=first.dtype,
+            kv_shape=(len(layers), 2, self.chunk_size, int(heads), int(head_size)))
+        if self.config.gpu_connector is not None:
+            connector = registry.create("gpu_connector", self.config.gpu_connector.name,
+                                        self.config.gpu_connector.options, self.config,
+                                        metadata)
+        else:
+            connector = registry.create("gpu_connector", default_connector, options,
+                                        self.config, metadata)
+        self._engine_id = f"vllm-{self.instance_id}-rank{rank}"
+        self.engine = LMCacheEngineBuilder.get_or_create(self._engine_id, self.config,
+                                                         metadata, connector)
+        self._kvcaches = layers
+        if rank == 0:
+            self._server = LookupServer(self.instance_id, self.engine)
+        logger.info("lmcache engine %s: %d layers, %s %s, connector %s", self._engine_id,
+                    len(layers), tuple(first.shape), first.dtype, type(connector).__name__)
+
+    def bind_connector_metadata(self, metadata: LMCacheConnectorMetadata) -> None:
+        self._metadata = metadata
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Load the cached chunks of this step's new requests into vLLM's KV cache."""
+        meta = self._metadata if self._metadata is not None else \
+            self.parent._get_connector_metadata()
+        if self.engine is None or not isinstance(meta, LMCacheConnectorMetadata):
+            return
+        for req in meta.requests:
+            if req.load is not None:
+                self._load(req)
+
+    def _load(self, req: RequestMeta) -> None:
+        spec = req.load
+        assert spec is not None and self.engine is not None
+        expected_end = spec.vllm_cached + spec.num_external
+        start = spec.vllm_cached // self.chunk_size * self.chunk_size
+        loaded_end = start
+        try:
+            n = spec.lmcache_tokens
+            tokens = torch.tensor(req.token_ids[:n], dtype=torch.int64)
+            mask = torch.ones(n, dtype=torch.bool)
+            mask[:start] = False
+            slots = self._slot_mapping(req.block_ids, n)
+            slots[:spec.vllm_cached] = -1  # vLLM's own prefix cache: never overwrite it
+            got = self.engine.retrieve(tokens, mask, kvcaches=self._kvcaches,
+                                       slot_mapping=slots, cache_salt=req.cache_salt)
+            loaded_end = start + int(got[start:].long().cumprod(0).sum())
+        except Exception as exc:
+            self._warn_once("loading KV", exc)
+        logger.debug("lmcache: request %s loaded tokens [%d, %d) (vLLM held %d)",
+                     req.req_id, max(start, spec.vllm_cached), loaded_end, spec.vllm_cached)
+        if loaded_end < expected_end:
+            bs = self.block_size
+            first = max(loaded_end, spec.vllm_cached) // bs
+            last = (expected_end - 1) // bs
+            self._load_errors.update(req.block_ids[first:last + 1])
+            logger.info("lmcache: request %s loaded %d of %d tokens; vLLM recomputes the "
+                        "rest", req.req_id, max(0, loaded_end - spec.vllm_cached),
+                        spec.num_external)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Loads finish in `start_load_kv`, before the forward pass."""
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        """Stores happen for all layers at once in `wait_for_save`."""
+
+    def wait_for_save(self) -> None:
+        """Store the chunks this step computed (after the forward pass)."""
+        meta = self._metadata
+        if self.engine is None or not isinstance(meta, LMCacheConnectorMetadata):
+            return
+        for req in meta.requests:
+            if req.save_end <= req.save_skip:
+                continue
+            try:
+                n = req.save_end
+                tokens = torch.tensor(req.token_ids[:n], dtype=torch.int64)
+                mask = torch.ones(n, dtype=torch.bool)
+                mask[:req.save_skip] = False
+                self.engine.store(tokens, mask, kvcaches=self._kvcaches,
+                                  slot_mapping=self._slot_mapping(req.block_ids, n),
+                                  cache_salt=req.cache_salt)
+                logger.debug("lmcache: request %s stored tokens [%d, %d)", req.req_id,
+                             req.save_skip, n)
+            except Exception as exc:
+                self._warn_once("storing KV", exc)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None,
+                                                                set[str] | None]:
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def get_kv_events(self) -> list[Any]:
+        return []
+
+    def shutdown(self) -> None:
+        """Finish pending writes (the disk tier) and close the engine."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._lookup is not None:
+            self._lookup.close()
+        if self._server is not None:
+            self._server.close()
+        if self._engine_id is not None:
+            LMCacheEngineBuilder.destroy(self._engine_id)
+            self.engine = None
+
+    # ======================================================================================
+    # Scheduler side
+    # ======================================================================================
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
+        """Prompt tokens beyond ``num_computed_tokens`` that lmcache can load."""
+        tracked = self._tracked.get(request.request_id)
+        if tracked is None:
+            tracked = self._tracked[request.request_id] = _Tracked(request)
+        tracked.load, tracked.load_sent = None, False
+        prompt = request.prompt_token_ids
+        if not self.can_load or not prompt:
+            return 0
+        try:
+            hit = self._lookup.lookup(list(prompt), getattr(request, "cache_salt", None)) \
+                if self._lookup is not None else 0
+        except Exception as exc:
+            self._warn_once("looking up a prompt", exc)
+            return 0
+        tracked.saved = max(tracked.saved, hit)
+        usable = min(hit, len(prompt) - 1)  # vLLM computes the last prompt token itself
+        if usable <= num_computed_tokens:
+            return 0
+        tracked.load = LoadSpec(num_computed_tokens, hit, usable - num_computed_tokens)
+        return usable - num_computed_tokens
+
+    def update_state_after_alloc(self, request: Request, num_external_tokens: int) -> None:
+        tracked = self._tracked.get(request.request_id)
+        if tracked is None:
+            return
+        if num_external_tokens <= 0 or tracked.load is None:
+            tracked.load = None
+        elif num_external_tokens != tracked.load.num_external:
+            tracked.load.num_external = num_external_tokens
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput
+                             ) -> LMCacheConnectorMetadata:
+        meta = LMCacheConnectorMetadata()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            tracked = self._tracked.get(new.req_id)
+            if tracked is None:
+                continue
+            tracked.block_ids = list(new.block_ids[0])
+            self._emit(meta, new.req_id, tracked, new.num_computed_tokens,
+                       scheduled.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked = self._tracked.get(req_id)
+            if tracked is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                tracked.block_ids = list(new_blocks[0]) if new_blocks is not None else []
+            elif new_blocks is not None:
+                tracked.block_ids.extend(new_blocks[0])
+            self._emit(meta, req_id, tracked, cached.num_computed_tokens[i],
+                       scheduled.get(req_id, 0))
+        return meta
+
+    def _emit(self, meta: LMCacheConnectorMetadata, req_id: str, tracked: _Tracked,
+              num_computed: int, num_scheduled: int) -> None:
+        request = tracked.request
+        prompt = list(request.prompt_token_ids or [])
+        tokens = list(request.all_token_ids) if self.save_decode_cache else prompt
+        load = None
+        if tracked.load is not None and not tracked.load_sent:
+            load, tracked.load_sent = tracked.load, True
+        computed_after = min(num_computed + num_scheduled, len(tokens))
+        if computed_after == len(prompt):
+            save_end = computed_after  # the prefill is done: its partial last chunk too
+        else:  # a chunked prefill in progress, or decoding: whole chunks only
+            save_end = computed_after // self.chunk_size * self.chunk_size
+        skip = tracked.saved // self.chunk_size * self.chunk_size
+        if not self.can_save or save_end <= tracked.saved:
+            save_end = skip = 0
+        else:
+            tracked.saved = save_end
+        if load is None and save_end == 0:
+            return
+        needed = max(save_end, load.lmcache_tokens if load else 0)
+        meta.requests.append(RequestMeta(
+            req_id=req_id, token_ids=tokens[:needed],
+            block_ids=list(tracked.block_ids), cache_salt=getattr(request, "cache_salt", None),
+            load=load, save_skip=skip, save_end=save_end))
+
+    def request_finished(self, request: Request, block_ids: list[int]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        self._tracked.pop(request.request_id, None)
+        return False, None
+
+
+def _close_at_exit(ref: weakref.ref[LMCacheConnectorV1Impl]) -> None:
+    impl = ref()
+    if impl is not None:
+        try:
+            impl.shutdown()
+        except Exception:  # at exit: never turn a clean exit into a traceback
+            logger.exception("lmcache: closing the cache engine at exit failed")
