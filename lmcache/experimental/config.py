@@ -136,6 +136,7 @@ FLAT_BACKEND_OPTIONS: dict[str, tuple[str, str]] = {
     "max_local_disk_size": ("local_disk", "max_size_gb"),
     "remote_url": ("remote", "url"),
     "remote_serde": ("remote", "serde"),
+    "blocking_timeout_secs": ("remote", "timeout_s"),
 }
 
 
@@ -181,7 +182,11 @@ class LMCacheEngineConfig(BaseModel):
         None, description="URL of the remote tier (`redis://host:port`, `s3://bucket`, "
         "`lm://host:port`); null disables it.")
     remote_serde: str | None = Field(
-        "naive", description="Serde used to turn chunks into bytes for the remote tier.")
+        "naive", description="Serde used to turn chunks into bytes for the remote tier "
+        "(`naive`, `zstd`; `lmcache.serdes`).")
+    blocking_timeout_secs: float = Field(
+        10.0, gt=0, description="Longest wait for one call to the remote tier; a slower "
+        "or unreachable store is a miss, never an error.")
     save_decode_cache: bool = Field(
         False, description="Also store the KV of tokens generated during decoding.")
     enable_blending: bool = Field(
@@ -266,6 +271,11 @@ class LMCacheEngineConfig(BaseModel):
             if getattr(self, url) is not None and not self.enable_p2p:
                 issues.append(ConfigIssue(url, "only used with enable_p2p, which this lmcache "
                                           "does not implement; expected null"))
+        if self.remote_serde is not None:
+            try:
+                registry.entry("serde", self.remote_serde)
+            except PluginError as exc:
+                issues.append(ConfigIssue("remote_serde", str(exc)))
         if self.local_disk is not None and self.max_local_disk_size <= 0 \
                 and self.storage_backends is None:
             issues.append(ConfigIssue(
@@ -350,7 +360,11 @@ class LMCacheEngineConfig(BaseModel):
             specs.append(_spec("local_disk", path=self.local_disk,
                                max_size_gb=self.max_local_disk_size))
         if self.remote_url is not None:
-            specs.append(_spec("remote", url=self.remote_url, serde=self.remote_serde))
+            remote: dict[str, Any] = {"url": self.remote_url,
+                                      "timeout_s": self.blocking_timeout_secs}
+            if self.remote_serde is not None:
+                remote["serde"] = self.remote_serde
+            specs.append(_spec("remote", **remote))
         return specs
 
     def component_options(self, kind: str, spec: ComponentSpec) -> PluginOptions:

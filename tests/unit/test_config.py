@@ -96,7 +96,7 @@ def test_from_defaults_values_and_derived_tiers():
         assert getattr(config, field) == value
     assert [s.name for s in config.storage_backend_specs()] == ["local_cpu", "remote"]
     assert config.storage_backend_specs()[1].options == {
-        "url": "lm://localhost:65432", "serde": "naive"}
+        "url": "lm://localhost:65432", "serde": "naive", "timeout_s": 10.0}
     assert config.allocator.name == "mixed" and config.token_database.name == "chunked"
 
 

@@ -91,13 +91,7 @@ class StorageManager:
     def from_config(cls, config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata,
                     allocator: MemoryAllocatorInterface, engine_id: str) -> StorageManager:
         manager = cls(allocator, config.error_handling, engine_id)
-        derived = config.storage_backends is None
         for spec in config.storage_backend_specs():
-            if derived and spec.name == "remote" and ("storage_backend", "remote") \
-                    not in registry:
-                logger.warning("remote_url %s is set but no remote tier is installed; "
-                               "running without it", spec.options.get("url"))
-                continue
             try:
                 backend = registry.create(
                     "storage_backend", spec.name, spec.options, config, metadata,
@@ -110,6 +104,9 @@ class StorageManager:
                     f"cannot start storage tier {spec.name!r} ({options}): "
                     f"{type(exc).__name__}: {exc}; expected a location this process can "
                     f"create and write") from exc
+            except BaseException:  # a missing plugin or module: release the tiers so far
+                manager.close()
+                raise
             manager.add_tier(spec.name, backend)
         return manager
 

@@ -1,0 +1,1 @@
+"""Helpers for testing lmcache and its plugins against real servers (no mocks)."""
