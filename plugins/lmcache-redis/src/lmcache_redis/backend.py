@@ -159,7 +159,7 @@ class RedisTransport(RemoteTransport):
             # Discovers the slots: network I/O, hence lazily, on an I/O thread.
             return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in t.nodes],
                                 retry=Retry(NoBackoff(), 0), **self._common)
-        kwargs = dict(self._common, retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+        kwargs = dict(self._common, retry=Retry(NoBackoff(), 0))
         if t.unix_path is not None:
             for key in ("ssl", "ssl_ca_certs", "ssl_cert_reqs", "ssl_check_hostname",
                         "socket_keepalive"):
