@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing.util
 import os
 import threading
 import weakref
@@ -166,7 +167,10 @@ class _Tracked:
 
     request: Any
     block_ids: list[int] = field(default_factory=list)
-    saved: int = 0  # tokens known to be in lmcache
+    # tokens this request already asked the workers to store; chunks found by a lookup
+    # are not counted, since a load may still find them corrupt (the engine's store
+    # skips chunks it holds without copying them)
+    saved: int = 0
     load: LoadSpec | None = None
     load_sent: bool = False
 
@@ -191,6 +195,8 @@ class LMCacheConnectorV1Impl:
         self.can_load = kv_role in ("kv_both", "kv_consumer")
         self.can_save = kv_role in ("kv_both", "kv_producer")
         self.save_decode_cache = bool(self.config.save_decode_cache)
+        if self.is_scheduler:
+            self._set_load_failure_policy(vllm_config.kv_transfer_config)
         # scheduler
         self._tracked: dict[str, _Tracked] = {}
         self._lookup = LookupClient(self.instance_id) if self.is_scheduler else None
@@ -200,17 +206,44 @@ class LMCacheConnectorV1Impl:
         self._kvcaches: list[torch.Tensor] = []
         self._metadata: LMCacheConnectorMetadata | None = None
         self._load_errors: set[int] = set()
+        self._failed_loads: set[str] = set()  # requests of this step whose load failed
         self._server: LookupServer | None = None
         self._warned: set[str] = set()
         self._closed = False
         self._close_lock = threading.Lock()
-        atexit.register(_close_at_exit, weakref.ref(self))
+        # vLLM's wrapper does not forward shutdown(): flush the tiers when the process
+        # ends, whether it exits normally (atexit) or is a multiprocessing child, whose
+        # exit skips atexit but runs multiprocessing's finalizers.
+        ref = weakref.ref(self)
+        atexit.register(_close_at_exit, ref)
+        multiprocessing.util.Finalize(None, _close_at_exit, args=(ref,), exitpriority=100)
         logger.info("lmcache connector (%s) for %s: chunk %d tokens, tiers %s",
                     "scheduler" if self.is_scheduler else "worker",
                     vllm_config.model_config.model, self.chunk_size,
                     [s.name for s in self.config.storage_backend_specs()])
 
     # -- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _set_load_failure_policy(kv_transfer_config: Any) -> None:
+        """A cache miss discovered while loading must cost a recompute, not the request.
+
+        vLLM's default ``kv_load_failure_policy`` is ``fail`` (right for disaggregated
+        prefill, where missing KV is an error); for a cache, a chunk that turns out to be
+        corrupt or gone is a miss. The scheduler reads the policy right after creating its
+        connector, so it is set here, unless ``kv_connector_extra_config`` says
+        ``{"load_failure_policy": "fail"}``.
+        """
+        extra = getattr(kv_transfer_config, "kv_connector_extra_config", None) or {}
+        wanted = extra.get("load_failure_policy", "recompute")
+        if wanted not in ("recompute", "fail"):
+            raise ValueError(f"kv_connector_extra_config.load_failure_policy is {wanted!r}; "
+                             "expected 'recompute' or 'fail'")
+        if getattr(kv_transfer_config, "kv_load_failure_policy", wanted) != wanted:
+            logger.info("lmcache: kv_load_failure_policy=%s (a chunk that cannot be loaded "
+                        "is recomputed; set kv_connector_extra_config.load_failure_policy "
+                        "to change it)", wanted)
+            kv_transfer_config.kv_load_failure_policy = wanted
 
     def _warn_once(self, what: str, exc: BaseException) -> None:
         if what not in self._warned:
@@ -294,6 +327,7 @@ class LMCacheConnectorV1Impl:
             self.parent._get_connector_metadata()
         if self.engine is None or not isinstance(meta, LMCacheConnectorMetadata):
             return
+        self._failed_loads.clear()
         for req in meta.requests:
             if req.load is not None:
                 self._load(req)
@@ -319,6 +353,9 @@ class LMCacheConnectorV1Impl:
         logger.debug("lmcache: request %s loaded tokens [%d, %d) (vLLM held %d)",
                      req.req_id, max(start, spec.vllm_cached), loaded_end, spec.vllm_cached)
         if loaded_end < expected_end:
+            # vLLM computes this step as if the load had worked; storing the request now
+            # would store blocks that hold no valid KV. It is stored once recomputed.
+            self._failed_loads.add(req.req_id)
             bs = self.block_size
             first = max(loaded_end, spec.vllm_cached) // bs
             last = (expected_end - 1) // bs
@@ -340,7 +377,7 @@ class LMCacheConnectorV1Impl:
         if self.engine is None or not isinstance(meta, LMCacheConnectorMetadata):
             return
         for req in meta.requests:
-            if req.save_end <= req.save_skip:
+            if req.save_end <= req.save_skip or req.req_id in self._failed_loads:
                 continue
             try:
                 n = req.save_end
@@ -399,7 +436,6 @@ class LMCacheConnectorV1Impl:
         except Exception as exc:
             self._warn_once("looking up a prompt", exc)
             return 0
-        tracked.saved = max(tracked.saved, hit)
         usable = min(hit, len(prompt) - 1)  # vLLM computes the last prompt token itself
         if usable <= num_computed_tokens:
             return 0
@@ -448,6 +484,10 @@ class LMCacheConnectorV1Impl:
         load = None
         if tracked.load is not None and not tracked.load_sent:
             load, tracked.load_sent = tracked.load, True
+        if num_computed < tracked.saved:
+            # vLLM went back (a failed load, a preemption): what it recomputes is stored
+            # again; the store skips the chunks that did make it
+            tracked.saved = num_computed // self.chunk_size * self.chunk_size
         computed_after = min(num_computed + num_scheduled, len(tokens))
         if computed_after == len(prompt):
             save_end = computed_after  # the prefill is done: its partial last chunk too

@@ -1,0 +1,61 @@
+"""A vLLM process driven by the e2e tests: JSON commands on stdin, JSON results on stdout.
+
+Usage: ``python vllm_runner.py MODEL_DIR {lmcache|none} {prefix|noprefix}``. Each stdin
+line is a command; each result is one stdout line starting with `MARK` (vLLM prints
+to stdout too):
+
+* ``{"op": "generate", "prompts": [[ids], ...], "max_tokens": N}`` → ``{"outputs":
+  [[ids], ...], "cached": [num_cached_tokens, ...], "seconds": s}`` (greedy, one batch)
+* ``{"op": "reset_prefix_cache"}`` → ``{"ok": true}``
+* ``{"op": "quit"}`` → ``{"ok": true}``, then a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+MARK = "@@lmcache-e2e@@ "
+
+
+def _reply(obj: dict) -> None:
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    model, connector, prefix = sys.argv[1:4]
+    kwargs = {}
+    if connector == "lmcache":
+        kwargs["kv_transfer_config"] = KVTransferConfig(kv_connector="LMCacheConnectorV1",
+                                                        kv_role="kv_both")
+    llm = LLM(model=model, skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
+              max_model_len=4096, enable_prefix_caching=prefix == "prefix", seed=0,
+              **kwargs)
+    _reply({"ready": True})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "generate":
+            params = SamplingParams(max_tokens=cmd.get("max_tokens", 12), temperature=0.0,
+                                    detokenize=False, ignore_eos=True)
+            started = time.perf_counter()
+            outs = llm.generate([{"prompt_token_ids": p} for p in cmd["prompts"]], params,
+                                use_tqdm=False)
+            _reply({"outputs": [list(o.outputs[0].token_ids) for o in outs],
+                    "cached": [o.num_cached_tokens for o in outs],
+                    "seconds": time.perf_counter() - started})
+        elif cmd["op"] == "reset_prefix_cache":
+            llm.reset_prefix_cache()
+            _reply({"ok": True})
+        elif cmd["op"] == "quit":
+            _reply({"ok": True})
+            break
+    del llm
+
+
+if __name__ == "__main__":
+    main()
