@@ -11,6 +11,12 @@ import pytest
 
 from lmcache.plugin import manager
 from lmcache.plugin.registry import registry as _registry
+from lmcache.testing.fixtures import (  # noqa: F401 - session fixtures of real servers
+    redis_cluster,
+    redis_server,
+    s3_bucket,
+    s3_server,
+)
 
 REQUIRE_SERVICES = os.environ.get("LMCACHE_REQUIRE_SERVICES") == "1"
 

@@ -84,5 +84,6 @@ def s3_server() -> Iterator[SeaweedS3Server]:
 
 @pytest.fixture
 def s3_bucket(s3_server: SeaweedS3Server) -> str:
-    """A fresh bucket of the session's S3 server, as ``s3://name``."""
-    return s3_server.make_bucket(f"t-{uuid.uuid4().hex[:16]}")
+    """A fresh prefix in the session's S3 bucket, as ``s3://bucket/prefix``. (One bucket
+    for the session: a new bucket costs SeaweedFS a new set of volumes.)"""
+    return f"{s3_server.make_bucket('lmcache-tests')}/t-{uuid.uuid4().hex[:16]}"

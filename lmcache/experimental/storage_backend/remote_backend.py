@@ -212,8 +212,9 @@ class FsspecTransport(RemoteTransport):
     Each value is one object ``<url>/<namespace>/<key>.kvobj``. On object stores a put is
     one atomic object upload; on file systems it is written under a temporary name and
     renamed into place. For ``s3://`` the connect and read timeouts default to the
-    backend's ``timeout_s`` with a single attempt (no retry loop), unless
-    ``storage_options`` say otherwise (``config_kwargs``, ``retries``).
+    backend's ``timeout_s``, with botocore's standard retries limited to 3 attempts and
+    s3fs's own retry loop to one, unless ``storage_options`` say otherwise
+    (``config_kwargs``; ``retries`` for s3fs's loop).
     """
 
     def __init__(self, url: str, namespace: str = "lmcache", timeout_s: float = 10.0,
@@ -222,19 +223,23 @@ class FsspecTransport(RemoteTransport):
 
         options = dict(storage_options or {})
         protocol = url.split("://", 1)[0].lower() if "://" in url else "file"
-        if protocol in ("s3", "s3a"):
+        s3 = protocol in ("s3", "s3a")
+        retries = options.pop("retries", 1) if s3 else None
+        if s3:
             config_kwargs = dict(options.get("config_kwargs") or {})
             config_kwargs.setdefault("connect_timeout", timeout_s)
             config_kwargs.setdefault("read_timeout", timeout_s)
-            config_kwargs.setdefault("retries", {"max_attempts": 1})
+            # botocore's standard retries (5xx, throttling, resets), few: bounded time
+            config_kwargs.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
             options["config_kwargs"] = config_kwargs
-            options.setdefault("retries", 1)
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **options)
         except ImportError as exc:
-            extra = " (pip install 'lmcache[s3]')" if protocol in ("s3", "s3a") else ""
+            extra = " (pip install 'lmcache[s3]')" if s3 else ""
             raise ImportError(f"the remote tier {redact_url(url)} needs an fsspec "
                               f"implementation of {protocol!r}: {exc}{extra}") from exc
+        if retries is not None and hasattr(self.fs, "retries"):
+            self.fs.retries = int(retries)  # s3fs's own retry loop (5 attempts by default)
         self.root = root.rstrip("/")
         self.prefix = f"{self.root}/{namespace}" if namespace else self.root
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) \
