@@ -299,7 +299,8 @@ class SeaweedS3Server:
             f"-volume.port={p['volume']}", f"-volume.port.grpc={g['volume']}",
             f"-filer.port={p['filer']}", f"-filer.port.grpc={g['filer']}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={g['s3']}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=256",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=1024",
+            "-volume.max=0",
             "-metricsPort=0",
         ])
         deadline = time.monotonic() + timeout

@@ -1,0 +1,276 @@
+"""Store/retrieve throughput of the Redis and S3 tiers against raw redis-py and raw s3fs.
+
+Llama-3-8B chunk geometry: 256 tokens x 32 layers x K/V x 8 KV heads x head 128, bf16
+(32 MiB per chunk). Every figure is printed next to a baseline measured in the same run,
+on the same bytes, at the same concurrency, interleaved with it (best of ``--repeat``):
+
+- raw redis-py: ``SET``/``GET`` of each chunk's bytes with a plain ``redis.Redis``;
+- raw s3fs: ``pipe_file``/``cat_file`` of each chunk's bytes.
+
+The tier's figures include everything it does: the serde (header, checksum), the
+thread hand-offs and timeouts, reading into memory from the engine's allocator and
+verifying the checksum. Then the serdes: ratio and speed of ``zstd`` on KV computed by a
+randomly initialised small Llama (transformers, if installed) and on Gaussian bf16 noise.
+
+Servers: by default a ``redis-server`` and a SeaweedFS S3 server are started on loopback
+(``lmcache.testing.servers``); ``--redis-url`` / ``--s3-url`` + ``--s3-endpoint`` use
+existing ones instead.
+
+Run:  .venv/bin/python benchmarks/bench_remote.py [--chunks 8] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryFormat
+from lmcache.experimental.storage_backend.remote_backend import FsspecTransport, RemoteBackend
+from lmcache.experimental.storage_backend.serde import NaiveSerde, ZstdSerde
+from lmcache.utils import CacheEngineKey
+
+LAYERS, HEADS, HEAD, CHUNK = 32, 8, 128, 256
+SHAPE = (LAYERS, 2, CHUNK, HEADS, HEAD)
+DTYPE = torch.bfloat16
+GB = 1e9
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def keys(n: int) -> list[CacheEngineKey]:
+    return [CacheEngineKey("vllm", "meta-llama/Meta-Llama-3-8B", 1, 0,
+                           f"{uuid.uuid4().int:064x}") for _ in range(n)]
+
+
+def parallel(threads: int, fn: Callable[[int], object], n: int) -> None:
+    if threads == 1:
+        for i in range(n):
+            fn(i)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(fn, range(n)))
+
+
+class TierBench:
+    """Interleaved runs of the tier and its raw baseline, at one concurrency."""
+
+    def __init__(self, name: str, make_backend: Callable[[int], RemoteBackend],
+                 raw_put: Callable[[str, bytes], None], raw_get: Callable[[str], bytes],
+                 chunks: list, payloads: list[bytes]) -> None:
+        self.name, self.make_backend = name, make_backend
+        self.raw_put, self.raw_get = raw_put, raw_get
+        self.chunks, self.payloads = chunks, payloads
+        self.best: dict[str, float] = {}
+
+    def _keep(self, what: str, seconds: float) -> None:
+        self.best[what] = min(self.best.get(what, float("inf")), seconds)
+
+    def run(self, threads: int) -> None:
+        n = len(self.chunks)
+        names = [f"raw-{uuid.uuid4().hex}" for _ in range(n)]
+        self._keep("raw put", timed(lambda: parallel(
+            threads, lambda i: self.raw_put(names[i], self.payloads[i]), n)))
+        self._keep("raw get", timed(lambda: parallel(
+            threads, lambda i: self.raw_get(names[i]), n)))
+
+        backend = self.make_backend(threads)
+        ks = keys(n)
+
+        def put_all() -> None:
+            futures = [backend.submit_put_task(k, c) for k, c in zip(ks, self.chunks)]
+            for f in futures:
+                assert f is not None and f.result() is True
+
+        def get_one(i: int) -> None:
+            obj = backend.get_blocking(ks[i])
+            assert obj is not None, "a miss in the benchmark"
+            obj.ref_count_down()
+
+        self._keep("tier put", timed(put_all))
+        backend._known.clear()  # retrieve as another instance would: ask the store
+        self._keep("tier get", timed(lambda: parallel(threads, get_one, n)))
+        stats = backend.stats
+        assert stats.dropped_puts == 0 and stats.failures == 0, stats
+        backend.close()
+
+    def report(self, threads: int, nbytes: int) -> None:
+        b = self.best
+        for op in ("put", "get"):
+            tier, raw = nbytes / b[f"tier {op}"] / GB, nbytes / b[f"raw {op}"] / GB
+            print(f"  {self.name:5s} {op:3s}  x{threads}: tier {tier:6.2f} GB/s   raw "
+                  f"{raw:6.2f} GB/s   ratio {tier / raw:5.2f}")
+
+
+def kv_chunks(allocator, n: int) -> list:
+    chunks = []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        obj = allocator.allocate(SHAPE, DTYPE, MemoryFormat.KV_BLOB)
+        obj.tensor.copy_(torch.randn(SHAPE, generator=g).to(DTYPE))
+        chunks.append(obj)
+    return chunks
+
+
+def llama_kv() -> tuple[torch.Tensor, str] | None:
+    """K/V of a randomly initialised small Llama (transformers) for a random prompt."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, head_dim=128,
+                         vocab_size=32000, max_position_embeddings=4096)
+    model = LlamaForCausalLM(config).to(DTYPE).eval()
+    ids = torch.randint(0, config.vocab_size, (1, CHUNK * 4))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    kv = torch.stack([torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)])
+                      for k, v in layers])  # [layers, 2, tokens, heads, head]
+    return kv.contiguous(), (f"random-weight Llama (transformers), {config.num_hidden_layers} "
+                             f"layers, {config.num_key_value_heads} KV heads, head "
+                             f"{config.head_dim}, {ids.shape[1]} tokens")
+
+
+def bench_serdes(allocator, repeat: int) -> None:
+    print("\nserdes (one thread; MB/s of KV; encode = the pieces a transport sends, decode "
+          "= into the allocator, checksum verified):")
+    sources = []
+    found = llama_kv()
+    if found is not None:
+        sources.append((found[1], found[0]))
+    else:
+        print("  (transformers not installed: no model KV)")
+    sources.append(("Gaussian bf16 noise", torch.randn(4, 2, 1024, 8, 128).to(DTYPE)))
+    serdes = [("naive", NaiveSerde()), ("zstd level 1, shuffle", ZstdSerde(1, True)),
+              ("zstd level 1", ZstdSerde(1, False)), ("zstd level 3, shuffle",
+                                                      ZstdSerde(3, True)),
+              ("zstd level -3, shuffle", ZstdSerde(-3, True))]
+    for label, kv in sources:
+        obj = allocator.allocate(kv.shape, DTYPE, MemoryFormat.KV_BLOB)
+        obj.tensor.copy_(kv)
+        size = obj.get_size()
+        print(f"  {label} ({size / 2**20:.0f} MiB):")
+        for name, serde in serdes:
+            data = b""
+            enc = dec = float("inf")
+            for _ in range(repeat):
+                start = time.perf_counter()
+                parts = serde.serialize_parts(obj)  # what a transport sends, unjoined
+                enc = min(enc, time.perf_counter() - start)
+                data = b"".join(parts)
+                start = time.perf_counter()
+                back = serde.deserialize(data, allocator)
+                dec = min(dec, time.perf_counter() - start)
+                assert back is not None and bytes(back.byte_array) == bytes(obj.byte_array)
+                back.ref_count_down()
+            print(f"    {name:24s} ratio {size / len(data):5.3f}   encode "
+                  f"{size / enc / 1e6:7.0f} MB/s   decode {size / dec / 1e6:7.0f} MB/s")
+        obj.ref_count_down()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunks", type=int, default=8, help="32 MiB chunks per run")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", default="1,4", help="concurrencies to measure")
+    parser.add_argument("--redis-url", default=None, help="an existing Redis (else started)")
+    parser.add_argument("--s3-url", default=None, help="s3://bucket/prefix (else started)")
+    parser.add_argument("--s3-endpoint", default=None, help="endpoint_url of --s3-url")
+    parser.add_argument("--skip", default="", help="comma list of: redis, s3, serde")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    from lmcache.ops import cpu_ops
+
+    kernels = cpu_ops(wait=True) is not None
+    n = args.chunks
+    chunk_bytes = torch.Size(SHAPE).numel() * DTYPE.itemsize
+    nbytes = n * chunk_bytes
+    print(f"geometry: Llama-3-8B chunk ({LAYERS} layers, {HEADS} KV heads, head {HEAD}, bf16, "
+          f"{CHUNK} tokens) = {chunk_bytes / 2**20:.0f} MiB; {n} chunks per run "
+          f"({nbytes / 2**30:.2f} GiB); best of {args.repeat}; CPU kernels: "
+          f"{'compiled' if kernels else 'off'}")
+    allocator = HostMemoryAllocator((n + 24) * (chunk_bytes + 4096), prefault=True)
+    chunks = kv_chunks(allocator, n)
+    payloads = [bytes(c.byte_array) for c in chunks]
+    threads = [int(t) for t in args.threads.split(",")]
+    started = []
+    try:
+        if "redis" not in skip:
+            import redis
+
+            from lmcache_redis.backend import RedisTransport
+
+            url = args.redis_url
+            if url is None:
+                from lmcache.testing.servers import RedisServer
+
+                server = RedisServer().start()
+                started.append(server)
+                url = server.url
+            raw = redis.Redis.from_url(url)
+
+            def make_redis(workers: int) -> RemoteBackend:
+                raw.flushdb()
+                transport = RedisTransport(url, namespace=f"bench{uuid.uuid4().hex[:8]}")
+                return RemoteBackend(transport, NaiveSerde(), allocator, num_workers=workers,
+                                     tier_name="redis")
+
+            print(f"\nRedis tier ({url}, serde naive) vs raw redis-py SET/GET:")
+            for t in threads:
+                bench = TierBench("redis", make_redis, lambda k, v: raw.set(k, v), raw.get,
+                                  chunks, payloads)
+                for _ in range(args.repeat):
+                    bench.run(t)
+                bench.report(t, nbytes)
+            raw.flushdb()
+        if "s3" not in skip:
+            if args.s3_url is None:
+                from lmcache.testing.servers import SeaweedS3Server
+
+                s3 = SeaweedS3Server().start()
+                started.append(s3)
+                base, options = s3.make_bucket("bench"), s3.storage_options()
+            else:
+                base, options = args.s3_url, ({"endpoint_url": args.s3_endpoint}
+                                              if args.s3_endpoint else {})
+            import s3fs
+
+            fs = s3fs.S3FileSystem(**options)
+            prefix = base.removeprefix("s3://").rstrip("/")
+
+            def make_s3(workers: int) -> RemoteBackend:
+                transport = FsspecTransport(base, namespace=f"bench{uuid.uuid4().hex[:8]}",
+                                            storage_options=options)
+                return RemoteBackend(transport, NaiveSerde(), allocator, num_workers=workers,
+                                     tier_name="s3")
+
+            print(f"\nS3 tier ({base} on {options.get('endpoint_url', 'AWS')}, serde naive) "
+                  "vs raw s3fs pipe_file/cat_file:")
+            for t in threads:
+                bench = TierBench("s3", make_s3, lambda k, v: fs.pipe_file(f"{prefix}/{k}", v),
+                                  lambda k: fs.cat_file(f"{prefix}/{k}"), chunks, payloads)
+                for _ in range(args.repeat):
+                    bench.run(t)
+                bench.report(t, nbytes)
+        if "serde" not in skip:
+            bench_serdes(allocator, args.repeat)
+    finally:
+        for c in chunks:
+            c.ref_count_down()
+        for server in started:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
