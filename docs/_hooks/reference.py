@@ -2,16 +2,19 @@
 
 A page that contains ``<!-- lmcache:config-fields -->`` gets a table of every field of
 ``LMCacheEngineConfig``; ``<!-- lmcache:plugin-options -->`` gets, for every first-party
-component, a table of its options model.
+component, a table of its options model; ``<!-- lmcache:options KIND NAME -->`` gets the
+table of one installed component, whatever distribution ships it (``lmcache-redis``).
 """
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Any
 
 CONFIG_MARK = "<!-- lmcache:config-fields -->"
 OPTIONS_MARK = "<!-- lmcache:plugin-options -->"
+ONE_OPTIONS_MARK = re.compile(r"<!-- lmcache:options (\w+) ([\w.-]+) -->")
 
 
 def _type_name(annotation: Any) -> str:
@@ -63,7 +66,21 @@ def plugin_options_tables() -> str:
     return "\n".join(out)
 
 
+def plugin_options_table(kind: str, name: str) -> str:
+    """The options table of one component, or a note when it is not installed."""
+    from lmcache.plugin.registry import PluginError, registry
+
+    try:
+        entry = registry.entry(kind, name)
+        model = registry.options_model(kind, name)
+    except PluginError as exc:
+        return f"*The options table needs the component installed ({exc}).*"
+    return (f"Class: `{entry.value.replace(':', '.')}` (distribution `{entry.dist_name}`)\n\n"
+            + (_table(model.model_fields) if model.model_fields else "No options."))
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    markdown = ONE_OPTIONS_MARK.sub(lambda m: plugin_options_table(m[1], m[2]), markdown)
     if CONFIG_MARK in markdown:
         markdown = markdown.replace(CONFIG_MARK, config_fields_table())
     if OPTIONS_MARK in markdown:

@@ -55,3 +55,15 @@ def test_every_docs_page_is_in_the_nav():
     nav = (ROOT / "mkdocs.yml").read_text()
     for page in DOCS.rglob("*.md"):
         assert str(page.relative_to(DOCS)) in nav, page
+
+
+def test_remote_page_lists_every_remote_option():
+    page = (DOCS / "user-guide/remote.md").read_text()
+    hook = _reference_hook()
+    rendered = hook.ONE_OPTIONS_MARK.sub(
+        lambda m: hook.plugin_options_table(m[1], m[2]), page)
+    for kind, name in [("storage_backend", "remote"), ("storage_backend", "redis"),
+                       ("serde", "naive"), ("serde", "zstd")]:
+        assert f"<!-- lmcache:options {kind} {name} -->" in page
+        for option in registry.options_model(kind, name).model_fields:
+            assert f"| `{option}` |" in rendered, (name, option)
