@@ -106,7 +106,7 @@ class VLLMProcess:
             if "lmcache: request" in line and " loaded tokens [" in line:
                 rng = line.split(" loaded tokens [", 1)[1]
                 start, end = rng.split(")", 1)[0].split(", ")
-                held = int(line.rsplit("(vLLM held ", 1)[1].rstrip(")"))
+                held = int(line.split("(vLLM held ", 1)[1].split(")", 1)[0])
                 out.append((int(start), int(end), held))
         return out
 

@@ -37,6 +37,7 @@ import logging
 import multiprocessing.util
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -338,6 +339,7 @@ class LMCacheConnectorV1Impl:
         expected_end = spec.vllm_cached + spec.num_external
         start = spec.vllm_cached // self.chunk_size * self.chunk_size
         loaded_end = start
+        started = time.perf_counter()
         try:
             n = spec.lmcache_tokens
             tokens = torch.tensor(req.token_ids[:n], dtype=torch.int64)
@@ -350,8 +352,9 @@ class LMCacheConnectorV1Impl:
             loaded_end = start + int(got[start:].long().cumprod(0).sum())
         except Exception as exc:
             self._warn_once("loading KV", exc)
-        logger.debug("lmcache: request %s loaded tokens [%d, %d) (vLLM held %d)",
-                     req.req_id, max(start, spec.vllm_cached), loaded_end, spec.vllm_cached)
+        logger.debug("lmcache: request %s loaded tokens [%d, %d) (vLLM held %d) in %.1f ms",
+                     req.req_id, max(start, spec.vllm_cached), loaded_end, spec.vllm_cached,
+                     (time.perf_counter() - started) * 1e3)
         if loaded_end < expected_end:
             # vLLM computes this step as if the load had worked; storing the request now
             # would store blocks that hold no valid KV. It is stored once recomputed.
@@ -379,6 +382,7 @@ class LMCacheConnectorV1Impl:
         for req in meta.requests:
             if req.save_end <= req.save_skip or req.req_id in self._failed_loads:
                 continue
+            started = time.perf_counter()
             try:
                 n = req.save_end
                 tokens = torch.tensor(req.token_ids[:n], dtype=torch.int64)
@@ -387,8 +391,9 @@ class LMCacheConnectorV1Impl:
                 self.engine.store(tokens, mask, kvcaches=self._kvcaches,
                                   slot_mapping=self._slot_mapping(req.block_ids, n),
                                   cache_salt=req.cache_salt)
-                logger.debug("lmcache: request %s stored tokens [%d, %d)", req.req_id,
-                             req.save_skip, n)
+                logger.debug("lmcache: request %s stored tokens [%d, %d) in %.1f ms",
+                             req.req_id, req.save_skip, n,
+                             (time.perf_counter() - started) * 1e3)
             except Exception as exc:
                 self._warn_once("storing KV", exc)
 
@@ -430,12 +435,16 @@ class LMCacheConnectorV1Impl:
         prompt = request.prompt_token_ids
         if not self.can_load or not prompt:
             return 0
+        started = time.perf_counter()
         try:
             hit = self._lookup.lookup(list(prompt), getattr(request, "cache_salt", None)) \
                 if self._lookup is not None else 0
         except Exception as exc:
             self._warn_once("looking up a prompt", exc)
             return 0
+        logger.debug("lmcache: request %s: %d of %d prompt tokens cached (lookup %.1f ms)",
+                     request.request_id, hit, len(prompt),
+                     (time.perf_counter() - started) * 1e3)
         usable = min(hit, len(prompt) - 1)  # vLLM computes the last prompt token itself
         if usable <= num_computed_tokens:
             return 0
