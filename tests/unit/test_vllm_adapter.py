@@ -88,3 +88,101 @@ def test_lookup_over_the_socket_and_in_process(engine):
     assert not os.path.exists(lookup.socket_path(instance))
     # nobody listening: a miss, at once
     assert lookup.LookupClient(instance, timeout_s=1).lookup(list(range(40)), None) == 0
+
+
+# --- the connector without a vLLM process: both KV layouts, scheduler and worker ---------
+
+from types import SimpleNamespace  # noqa: E402
+
+from lmcache.experimental.cache_engine import LMCacheEngineBuilder  # noqa: E402
+from lmcache.integration.vllm.vllm_v1_adapter import (  # noqa: E402
+    LMCacheConnectorMetadata,
+    LMCacheConnectorV1Impl,
+    LoadSpec,
+    RequestMeta,
+)
+
+BLOCK = 16
+
+
+def _vllm_config(block_size: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        instance_id=f"unit-{uuid.uuid4().hex[:8]}",
+        cache_config=SimpleNamespace(block_size=block_size),
+        model_config=SimpleNamespace(model="unit/model"),
+        kv_transfer_config=SimpleNamespace(kv_role="kv_both", kv_load_failure_policy="fail",
+                                           kv_connector_extra_config={}))
+
+
+def _caches(layout: str, seed: int, zero: bool = False) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (12, 2, BLOCK, 16) if layout == "cpu" else (2, 12, BLOCK, 2, 8)
+    make = (lambda: torch.zeros(shape)) if zero else (lambda: torch.randn(shape, generator=gen))
+    return {f"model.layers.{i}.self_attn": make() for i in range(3)}
+
+
+def _block_equal(a: dict, b: dict, layout: str, block_a: int, block_b: int) -> bool:
+    for x, y in zip(a.values(), b.values()):
+        xa = x[block_a] if layout == "cpu" else x[:, block_a]
+        yb = y[block_b] if layout == "cpu" else y[:, block_b]
+        if not torch.equal(xa, yb):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("layout", ["cpu", "flash"])
+def test_worker_stores_and_loads_both_layouts(layout, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMCACHE_CHUNK_SIZE", "32")
+    monkeypatch.setenv("LMCACHE_LOCAL_DISK", str(tmp_path / "disk"))
+    monkeypatch.setenv("LMCACHE_MAX_LOCAL_DISK_SIZE", "1")
+    monkeypatch.setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", "0.05")
+    vcfg = _vllm_config(BLOCK)
+    worker = LMCacheConnectorV1Impl(vcfg, SimpleNamespace(name="WORKER"), parent=None)
+    scheduler = LMCacheConnectorV1Impl(vcfg, SimpleNamespace(name="SCHEDULER"), None)
+    try:
+        assert vcfg.kv_transfer_config.kv_load_failure_policy == "recompute"
+        src = _caches(layout, 1)
+        worker.register_kv_caches(src)
+        expected = "VLLMCPUBlockConnector" if layout == "cpu" else "VLLMPagedMemGPUConnectorV2"
+        assert type(worker.engine.gpu_connector).__name__ == expected
+        tokens = list(range(100, 170))  # 70 tokens: 2 chunks of 32 and 6 more
+        blocks = [3, 7, 1, 9, 0]
+        worker.bind_connector_metadata(LMCacheConnectorMetadata([RequestMeta(
+            "r1", tokens, blocks, None, save_skip=0, save_end=70)]))
+        worker.wait_for_save()
+        request = SimpleNamespace(request_id="r2", prompt_token_ids=tokens, cache_salt=None)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == 69  # never all of it
+        # a longer prompt: the partial last chunk [64, 70) is a different chunk there
+        request.prompt_token_ids = tokens + [1, 2, 3]
+        assert scheduler.get_num_new_matched_tokens(request, 0) == 64
+        assert scheduler.get_num_new_matched_tokens(request, 32) == 32
+        assert scheduler.get_num_new_matched_tokens(request, 64) == 0
+
+        # load into another cache, vLLM holding the first block (16 tokens) itself
+        dst = _caches(layout, 2, zero=True)
+        worker._kvcaches = list(dst.values())
+        target = [5, 2, 11, 4, 6]
+        worker.bind_connector_metadata(LMCacheConnectorMetadata([RequestMeta(
+            "r2", tokens, target, None, load=LoadSpec(16, 70, 54))]))
+        worker.start_load_kv(None)
+        assert worker.get_block_ids_with_load_errors() == set()
+        assert not any(t.any() for t in (c[5] if layout == "cpu" else c[:, 5]
+                                         for c in dst.values()))  # vLLM's block: untouched
+        for src_block, dst_block in list(zip(blocks, target))[1:4]:
+            assert _block_equal(src, dst, layout, src_block, dst_block)
+
+        # a chunk that is gone: its blocks are reported, nothing raises
+        key = [k for _, _, k in worker.engine.token_database.process_tokens(
+            torch.tensor(tokens))][1]
+        for tier in worker.engine.storage_manager.tiers.values():
+            tier.remove(key)
+        worker.bind_connector_metadata(LMCacheConnectorMetadata([RequestMeta(
+            "r3", tokens, target, None, load=LoadSpec(0, 70, 69), save_end=70)]))
+        worker.start_load_kv(None)
+        assert worker.get_block_ids_with_load_errors() == {11, 4, 6}
+        worker.wait_for_save()  # the failed request is not stored in that step
+        assert not worker.engine.storage_manager.contains(key)
+    finally:
+        scheduler.shutdown()
+        worker.shutdown()
+    assert LMCacheEngineBuilder.get(f"vllm-{vcfg.instance_id}-rank0") is None

@@ -76,19 +76,15 @@ logger = logging.getLogger(__name__)
 
 def _configure_logging() -> None:
     """Make lmcache's messages visible next to vLLM's (level from ``LMCACHE_LOG_LEVEL``,
-    default INFO), unless the application configured the ``lmcache`` logger itself."""
-    root = logging.getLogger("lmcache")
-    if root.handlers:
+    default INFO), unless the application configured logging itself."""
+    ours = logging.getLogger("lmcache")
+    if ours.handlers or logging.getLogger().handlers:
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(
         "(lmcache pid=%(process)d) %(levelname)s %(asctime)s %(message)s", "%m-%d %H:%M:%S"))
-    root.addHandler(handler)
-    root.setLevel(os.environ.get("LMCACHE_LOG_LEVEL", "INFO").upper())
-    root.propagate = False
-
-
-_configure_logging()
+    ours.addHandler(handler)
+    ours.setLevel(os.environ.get("LMCACHE_LOG_LEVEL", "INFO").upper())
 
 #: Where the embedded default keeps the disk tier, relative to the working directory.
 DEFAULT_DISK_DIR = ".lmcache"
@@ -185,6 +181,7 @@ class LMCacheConnectorV1Impl:
     """What vLLM's ``LMCacheConnectorV1`` delegates to (see the module docstring)."""
 
     def __init__(self, vllm_config: VllmConfig, role: Any, parent: Any) -> None:
+        _configure_logging()
         self.vllm_config = vllm_config
         self.parent = parent
         self.is_scheduler = getattr(role, "name", str(role)) == "SCHEDULER"
