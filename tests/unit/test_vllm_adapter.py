@@ -118,7 +118,8 @@ def _caches(layout: str, seed: int, zero: bool = False) -> dict[str, torch.Tenso
     gen = torch.Generator().manual_seed(seed)
     shape = (12, 2, BLOCK, 16) if layout == "cpu" else (2, 12, BLOCK, 2, 8)
     make = (lambda: torch.zeros(shape)) if zero else (lambda: torch.randn(shape, generator=gen))
-    return {f"model.layers.{i}.self_attn": make() for i in range(3)}
+    device = "cuda" if layout == "flash-cuda" else "cpu"
+    return {f"model.layers.{i}.self_attn": make().to(device) for i in range(3)}
 
 
 def _block_equal(a: dict, b: dict, layout: str, block_a: int, block_b: int) -> bool:
@@ -130,7 +131,10 @@ def _block_equal(a: dict, b: dict, layout: str, block_a: int, block_b: int) -> b
     return True
 
 
-@pytest.mark.parametrize("layout", ["cpu", "flash"])
+@pytest.mark.parametrize("layout", [
+    "cpu", "flash",
+    pytest.param("flash-cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])])
 def test_worker_stores_and_loads_both_layouts(layout, tmp_path, monkeypatch):
     monkeypatch.setenv("LMCACHE_CHUNK_SIZE", "32")
     monkeypatch.setenv("LMCACHE_LOCAL_DISK", str(tmp_path / "disk"))
