@@ -255,8 +255,11 @@ class LMCacheConnectorV1Impl:
         blocks = torch.tensor(block_ids[:-(-num_tokens // bs)], dtype=torch.int64)
         if blocks.numel() * bs < num_tokens:
             raise ValueError(f"{blocks.numel()} blocks cannot hold {num_tokens} tokens")
-        slots = (blocks.unsqueeze(1) * bs + torch.arange(bs)).view(-1)
-        return slots[:num_tokens]
+        slots = (blocks.unsqueeze(1) * bs + torch.arange(bs)).view(-1)[:num_tokens]
+        # the paged connectors want the slots where the KV cache is (the GPU, with vLLM's
+        # GPU backend); the page connector reads the first slot of each block on the host
+        device = self._kvcaches[0].device if self._kvcaches else slots.device
+        return slots.to(device) if device.type != "cpu" else slots
 
     # ======================================================================================
     # Worker side
