@@ -435,7 +435,7 @@ class RemoteBackend(StorageBackendInterface):
         now = time.monotonic()
         with self._lock:
             self._stats.failures += 1
-            if isinstance(exc, (TimeoutError, FutureTimeout)):
+            if _is_timeout(exc):
                 self._stats.timeouts += 1
             new_outage = now >= self._down_until
             if new_outage:
@@ -666,6 +666,12 @@ class RemoteBackend(StorageBackendInterface):
             self.transport.close()
         except Exception as exc:
             logger.debug("%s: closing the transport failed: %s", self.tier_name, exc)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    # Ours, the standard library's, and the clients' own (redis.exceptions.TimeoutError,
+    # botocore's ReadTimeoutError / ConnectTimeoutError), which derive from neither.
+    return isinstance(exc, (TimeoutError, FutureTimeout)) or "Timeout" in type(exc).__name__
 
 
 def _release_result(future: Future) -> None:

@@ -345,7 +345,8 @@ def test_killed_server_then_restart(open_backend, allocator):
     except ServiceUnavailable as exc:
         service_missing("redis-server", exc)
     try:
-        backend = open_backend(server.url, timeout_s=1.0, retry_interval_s=0.1)
+        backend = open_backend(server.url, timeout_s=1.0, retry_interval_s=0.1,
+                               max_retry_interval_s=0.2)
         obj = chunk(allocator, 10)
         put(backend, key(10), obj)
         server.kill()
@@ -353,7 +354,7 @@ def test_killed_server_then_restart(open_backend, allocator):
         assert backend.get_blocking(key(10)) is None
         assert backend.submit_put_task(key(11), obj) is None  # dropped
         server.start()  # same port, empty
-        time.sleep(0.25)
+        time.sleep(0.3)  # longer than the longest back-off: the next call probes
         assert not backend.contains(key(10))  # forgotten: the store came back empty
         put(backend, key(11), obj)
         got = backend.get_blocking(key(11))
