@@ -92,6 +92,17 @@ def run_phase(setup: str, model: str, tokens: int, store: str, phase: str) -> di
     return out
 
 
+def _root_cause(stderr: str, returncode: int) -> str:
+    """The most specific error line of a vLLM that failed (not the generic wrappers)."""
+    lines = [ln.split("] ", 1)[-1].strip() for ln in stderr.splitlines()]
+    for marker in ("Worker failed with error", "RuntimeError: shape", "Error:"):
+        found = [ln for ln in lines if marker in ln and "Tokenizer not available" not in ln
+                 and "EngineDeadError" not in ln]
+        if found:
+            return found[0][:200]
+    return f"exit code {returncode}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
@@ -127,9 +138,7 @@ def main() -> None:
                      "--store", str(work / "store"), "--out", str(out)],
                     cwd=work, env=env, capture_output=True, text=True, timeout=1800)
                 if proc.returncode != 0:
-                    tail = [ln for ln in proc.stderr.splitlines() if "Error" in ln][-1:]
-                    results[setup]["error"] = tail[0][:160] if tail else \
-                        f"exit code {proc.returncode}"
+                    results[setup]["error"] = _root_cause(proc.stderr, proc.returncode)
                     break
                 results[setup].update(json.loads(out.read_text()))
         finally:
@@ -152,7 +161,12 @@ def main() -> None:
             ratio = f" {cold / r['ttft']:5.1f}x" if cold else ""
             cells.append(f"{r['ttft'] * 1000:8.0f} ms{ratio} ({r['cached']:>5})")
         print(f"{setup:28} " + " ".join(cells))
-    print("(in parentheses: prompt tokens vLLM reported as cached)")
+    print("(in parentheses: prompt tokens vLLM reported as cached; 0 on a warm or restart "
+          "request means the set-up had no hit)")
+    colds = sorted(r["cold"]["ttft"] for r in results.values() if "cold" in r)
+    if colds:
+        print(f"recompute TTFT over all set-ups' cold requests: min {colds[0] * 1000:.0f} ms, "
+              f"max {colds[-1] * 1000:.0f} ms")
 
 
 if __name__ == "__main__":
