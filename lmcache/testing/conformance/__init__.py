@@ -12,6 +12,16 @@ docstring names, and pytest runs the whole contract against your implementation:
 The same classes run against every first-party component in lmcache's own test suite.
 """
 
+from lmcache.testing.conformance.allocator import AllocatorConformance
+from lmcache.testing.conformance.gpu_connector import GPUConnectorConformance
+from lmcache.testing.conformance.serde import SerdeConformance
 from lmcache.testing.conformance.storage_backend import StorageBackendConformance
+from lmcache.testing.conformance.token_database import TokenDatabaseConformance
 
-__all__ = ["StorageBackendConformance"]
+__all__ = [
+    "AllocatorConformance",
+    "GPUConnectorConformance",
+    "SerdeConformance",
+    "StorageBackendConformance",
+    "TokenDatabaseConformance",
+]
