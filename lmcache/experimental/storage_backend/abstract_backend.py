@@ -73,6 +73,12 @@ class StorageBackendInterface(ABC):
 
         ``context`` carries what the engine shares with its tiers, by keyword:
         ``memory_allocator`` (where `get_blocking` allocates the objects it
-        returns) and ``tier_name`` (the name the backend was selected by).
+        returns) and ``tier_name`` (the name the backend was selected by), and
+        observers that end in the hooks: ``on_evicted(keys, num_bytes)``
+        (`lmcache_chunks_evicted`); for a tier that turns its own faults into misses,
+        ``on_error(operation, exc)`` (`lmcache_storage_error`),
+        ``on_dropped(keys, num_bytes, reason)`` (`lmcache_puts_dropped`) and
+        ``on_availability(available, exc)`` (`lmcache_tier_availability_changed`).
+        A backend ignores the keywords it has no use for.
         """
         raise NotImplementedError(f"{cls.__name__} does not implement from_options()")

@@ -19,8 +19,9 @@ Asynchronous puts
     `RemoteBackend.submit_put_task` returns at once; writer threads serialize and send.
     At most ``max_pending_puts`` writes wait at a time; beyond that, and while the store
     is unavailable, puts are *dropped*: counted in `RemoteBackend.stats`, logged once,
-    never an exception to the caller. A write that fails carries its exception in its
-    future, which the storage manager reports to the ``lmcache_storage_error`` hook.
+    never an exception to the caller; each drop goes to the ``lmcache_puts_dropped``
+    hook. A write that fails carries its exception in its future, which the storage
+    manager reports to the ``lmcache_storage_error`` hook.
 Bounded waits
     Every remote call that a caller waits for (`contains`, `get_blocking`,
     `remove`) runs on the backend's own threads and is abandoned after ``timeout_s``
@@ -33,7 +34,9 @@ Outages
     are dropped, so a dead store does not cost a timeout per chunk. The first call after
     the interval probes the store; when it succeeds the tier is back, with fresh
     connections (the transport reconnects by itself). The keys known to be stored are
-    forgotten at every outage, since the store may have restarted empty.
+    forgotten at every outage, since the store may have restarted empty. A failed
+    lookup, read or delete goes to the ``lmcache_storage_error`` hook, and the start
+    and end of an outage to ``lmcache_tier_availability_changed``.
 Lookups
     `contains` asks the store (one bounded round trip) unless the key is in a bounded
     local set of keys known to be stored (written or found by this process). A key that
@@ -367,6 +370,9 @@ class RemoteBackend(StorageBackendInterface):
         max_pending_puts: int = 64,
         known_keys: int = 65536,
         tier_name: str = "remote",
+        on_error: Callable[[str, BaseException], None] | None = None,
+        on_dropped: Callable[[list[CacheEngineKey], int, str], None] | None = None,
+        on_availability: Callable[[bool, BaseException | None], None] | None = None,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
@@ -381,6 +387,9 @@ class RemoteBackend(StorageBackendInterface):
         self.max_retry_interval_s = max(float(max_retry_interval_s), self.retry_interval_s)
         self.max_pending_puts = max_pending_puts
         self.tier_name = tier_name
+        self.on_error = on_error
+        self.on_dropped = on_dropped
+        self.on_availability = on_availability
 
         self._lock = threading.Lock()
         self._stats = RemoteStats()
@@ -430,6 +439,17 @@ class RemoteBackend(StorageBackendInterface):
             logger.debug("%s (%s): " + message, self.tier_name, self.transport.description,
                          *args)
 
+    def _notify(self, callback: Callable[..., None] | None, *args: Any) -> None:
+        # Observers end in plugin hooks; one that raises must not turn a miss into an
+        # exception on the serving path.
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception as exc:
+            logger.error("%s: an observer raised: %s: %s", self.tier_name,
+                         type(exc).__name__, exc)
+
     def _failed(self, operation: str, exc: BaseException) -> None:
         """A call failed or timed out: the store is unavailable for a back-off interval."""
         now = time.monotonic()
@@ -444,7 +464,10 @@ class RemoteBackend(StorageBackendInterface):
                 self._backoff = min(self._backoff * 2, self.max_retry_interval_s)
                 self._known.clear()  # the store may come back empty
             self._consecutive_failures += 1
+        if operation != "put":  # a failed write is reported through its future
+            self._notify(self.on_error, _HOOK_OPERATIONS.get(operation, operation), exc)
         if new_outage:
+            self._notify(self.on_availability, False, exc)
             self._log_once("outage", "%s failed (%s: %s); lookups are misses and puts are "
                            "dropped until it answers again", operation,
                            type(exc).__name__, exc)
@@ -463,6 +486,7 @@ class RemoteBackend(StorageBackendInterface):
             self._backoff = self.retry_interval_s
             self._down_until = 0.0
         if was_down:
+            self._notify(self.on_availability, True, None)
             logger.info("%s (%s): the store answers again", self.tier_name,
                         self.transport.description)
 
@@ -557,7 +581,9 @@ class RemoteBackend(StorageBackendInterface):
         with self._lock:
             if self._closed or key in self._put_tasks or key in self._known:
                 return None
-            dropped = not self.available or len(self._put_tasks) >= self.max_pending_puts
+            reason = ("unavailable" if not self.available else
+                      "backlog" if len(self._put_tasks) >= self.max_pending_puts else None)
+            dropped = reason is not None
             if dropped:
                 self._stats.dropped_puts += 1
             else:
@@ -566,6 +592,7 @@ class RemoteBackend(StorageBackendInterface):
         if dropped:
             self._log_once("dropped", "a put was dropped (store unavailable or %d writes "
                            "pending)", self.max_pending_puts)
+            self._notify(self.on_dropped, [key], memory_obj.get_size(), reason)
             return None
         try:
             return self._writers.submit(self._write, key, memory_obj)
@@ -668,6 +695,10 @@ class RemoteBackend(StorageBackendInterface):
             logger.debug("%s: closing the transport failed: %s", self.tier_name, exc)
 
 
+#: `RemoteBackend._failed`'s operation names as the ``lmcache_storage_error`` hook spells them.
+_HOOK_OPERATIONS = {"look up": "contains", "delete": "remove"}
+
+
 def _is_timeout(exc: BaseException) -> bool:
     # Ours, the standard library's, and the clients' own (redis.exceptions.TimeoutError,
     # botocore's ReadTimeoutError / ConnectTimeoutError), which derive from neither.
@@ -695,7 +726,9 @@ def backend_kwargs(options: RemoteOptions, context: dict[str, Any]) -> dict[str,
                 max_retry_interval_s=options.max_retry_interval_s,
                 num_workers=options.num_workers, max_pending_puts=options.max_pending_puts,
                 known_keys=options.known_keys,
-                tier_name=context.get("tier_name") or "remote")
+                tier_name=context.get("tier_name") or "remote",
+                on_error=context.get("on_error"), on_dropped=context.get("on_dropped"),
+                on_availability=context.get("on_availability"))
 
 
 def require_allocator(cls: type, context: dict[str, Any]) -> MemoryAllocatorInterface:

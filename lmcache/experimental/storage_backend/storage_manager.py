@@ -96,7 +96,8 @@ class StorageManager:
                 backend = registry.create(
                     "storage_backend", spec.name, spec.options, config, metadata,
                     memory_allocator=manager.reclaiming_allocator, tier_name=spec.name,
-                    on_evicted=manager._evicted_callback(spec.name))
+                    on_evicted=manager._evicted_callback(spec.name),
+                    **manager._fault_callbacks(spec.name))
             except OSError as exc:  # a path that cannot be a cache directory, ...
                 manager.close()
                 options = ", ".join(f"{k}={v!r}" for k, v in spec.options.items())
@@ -125,6 +126,27 @@ class StorageManager:
             hooks().lmcache_chunks_evicted(engine_id=self.engine_id, tier=tier,
                                            keys=list(keys), num_bytes=num_bytes)
         return evicted
+
+    def _fault_callbacks(self, tier: str) -> dict[str, Callable[..., None]]:
+        """The observers a tier that handles its own faults (a remote store) reports
+        through: context keywords ``on_error``, ``on_dropped`` and ``on_availability``.
+        The tier logs these faults itself, so they only go to the hooks."""
+        engine_id = self.engine_id
+
+        def on_error(operation: str, exc: BaseException) -> None:
+            hooks().lmcache_storage_error(engine_id=engine_id, tier=tier,
+                                          operation=operation, error=exc)
+
+        def on_dropped(keys: Sequence[CacheEngineKey], num_bytes: int, reason: str) -> None:
+            hooks().lmcache_puts_dropped(engine_id=engine_id, tier=tier, keys=list(keys),
+                                         num_bytes=num_bytes, reason=reason)
+
+        def on_availability(available: bool, exc: BaseException | None) -> None:
+            hooks().lmcache_tier_availability_changed(engine_id=engine_id, tier=tier,
+                                                      available=available, error=exc)
+
+        return {"on_error": on_error, "on_dropped": on_dropped,
+                "on_availability": on_availability}
 
     # -- faults ------------------------------------------------------------------------------
 
