@@ -463,10 +463,11 @@ class RemoteBackend(StorageBackendInterface):
                 self._down_until = now + self._backoff
                 self._backoff = min(self._backoff * 2, self.max_retry_interval_s)
                 self._known.clear()  # the store may come back empty
+            went_down = self._consecutive_failures == 0  # not one per back-off interval
             self._consecutive_failures += 1
         if operation != "put":  # a failed write is reported through its future
             self._notify(self.on_error, _HOOK_OPERATIONS.get(operation, operation), exc)
-        if new_outage:
+        if went_down:
             self._notify(self.on_availability, False, exc)
             self._log_once("outage", "%s failed (%s: %s); lookups are misses and puts are "
                            "dropped until it answers again", operation,
