@@ -158,6 +158,8 @@ class TestPagedConnectorV2OnCUDA(_PagedKit):
 
 _DB_SOURCE = """
 import torch
+from lmcache.experimental.config import LMCacheEngineConfig, LMCacheEngineMetadata
+from lmcache.experimental.token_database import ChunkedTokenDatabase
 
 def make(chunk_size):
     md = LMCacheEngineMetadata("org/model", 1, 0, "vllm", torch.bfloat16, (2, 2, 256, 8, 128))

@@ -246,7 +246,9 @@ class StorageBackendConformance:
         assert future is not None
         obj.ref_count_down()
         # between submit and completion the chunk is pending or complete, never neither
-        assert backend.contains(key) or backend.exists_in_put_tasks(key)
+        # (asked in this order: a write that ends between the two calls is then complete)
+        assert backend.exists_in_put_tasks(key) or backend.contains(key), \
+            "a submitted chunk is neither pending nor stored"
         _wait(future)
         assert backend.contains(key), "contains() is False after the write finished"
         assert not backend.exists_in_put_tasks(key), \
