@@ -18,6 +18,7 @@ from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryFo
 from lmcache.experimental.storage_backend.object_format import HEADER_SIZE, MAGIC
 from lmcache.experimental.storage_backend.serde import NaiveSerde, ZstdSerde
 from lmcache.plugin.registry import registry
+from lmcache.testing.conformance import StorageBackendConformance
 from lmcache.testing.fixtures import service_missing
 from lmcache.testing.servers import RedisServer, ServiceUnavailable
 from lmcache.utils import CacheEngineKey
@@ -396,3 +397,45 @@ def test_bad_values_are_misses_then_repaired(redis_server, open_backend, allocat
     assert same(obj, got)
     got.ref_count_down()
     obj.ref_count_down()
+
+
+# -- the shipped conformance kit -------------------------------------------------------------
+
+
+class TestRedisConformance(StorageBackendConformance):
+    """The same contract every storage backend meets, against a real redis-server."""
+
+    persistent = True
+
+    @pytest.fixture
+    def backend_factory(self, allocator, redis_server):
+        ns = f"kit{uuid.uuid4().hex[:12]}"
+        self.port = redis_server.port
+
+        def make(budget_bytes=None):
+            transport = RedisTransport(redis_server.url, namespace=ns, timeout_s=5.0)
+            return RedisBackend(transport, NaiveSerde(), allocator, timeout_s=5.0)
+
+        return make
+
+    def _rewrite(self, backend, k, change) -> None:
+        client = redis.Redis(port=self.port)
+        name = backend.transport.object_name(k.to_string())
+        value = client.get(name)
+        assert value is not None
+        if change is None:
+            client.delete(name)
+        else:
+            client.set(name, change(bytearray(value)))
+
+    def corrupt(self, backend, k):
+        def flip(v: bytearray) -> bytes:
+            v[-1] ^= 0xFF
+            return bytes(v)
+        self._rewrite(backend, k, flip)
+
+    def truncate(self, backend, k):
+        self._rewrite(backend, k, lambda v: bytes(v[: len(v) // 2]))
+
+    def lose(self, backend, k):
+        self._rewrite(backend, k, None)
