@@ -23,6 +23,7 @@ class TestLocalCPUBackend(StorageBackendConformance):
         return lambda budget_bytes=None: LocalCPUBackend(budget_bytes)
 
 
+# --8<-- [start:damage]
 def _damage_file(fs, path: str, how: str) -> None:
     if how == "lose":
         fs.rm(path)
@@ -35,6 +36,7 @@ def _damage_file(fs, path: str, how: str) -> None:
         data = data[: len(data) - 100]
     with fs.open(path, "wb") as f:
         f.write(bytes(data))
+# --8<-- [end:damage]
 
 
 class _DiskKit(StorageBackendConformance):
@@ -54,6 +56,7 @@ class _DiskKit(StorageBackendConformance):
 
         return make
 
+    # --8<-- [start:disk-helpers]
     def corrupt(self, backend, key):
         _damage_file(backend.fs, backend.key_to_path(key), "corrupt")
 
@@ -62,6 +65,7 @@ class _DiskKit(StorageBackendConformance):
 
     def lose(self, backend, key):
         _damage_file(backend.fs, backend.key_to_path(key), "lose")
+    # --8<-- [end:disk-helpers]
 
 
 class TestLocalDiskBackendOnFiles(_DiskKit):
