@@ -10,7 +10,10 @@ work (update a counter, record a latency) but must not block.
 
 Every hook is called with keyword arguments. An implementation may accept any subset
 of a hook's arguments, so new arguments can be added without breaking it. Hook
-exceptions are not caught: an observer that raises stops the operation it observes.
+exceptions are not caught: an observer that raises stops the operation it observes —
+except in a remote tier's own reports (`lmcache_storage_error` for its lookups, reads
+and deletes, `lmcache_puts_dropped`, `lmcache_tier_availability_changed`), which are
+logged instead, since a remote tier never raises to the serving engine.
 
 Implement hooks in a module and publish it under the ``lmcache.plugins`` group::
 
@@ -228,8 +231,9 @@ def lmcache_puts_dropped(
     A remote tier drops a put instead of making the serving engine wait when the
     store is unavailable (in the back-off after a failure) or when
     ``max_pending_puts`` writes are already waiting. The chunks stay in the tiers
-    above; they are just not written to this one. A write that was tried and failed
-    is a `lmcache_storage_error` with operation ``"put"``, not a drop.
+    above; they are just not written to this one. A write that was accepted and then
+    failed (or found the store gone when its turn came) is a `lmcache_storage_error`
+    with operation ``"put"``, not a drop.
 
     Called on the thread that stored, once per dropped chunk.
 
