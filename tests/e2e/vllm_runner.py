@@ -24,18 +24,30 @@ def _reply(obj: dict) -> None:
     sys.stdout.flush()
 
 
-def main() -> None:
-    from vllm import LLM, SamplingParams
+def make_llm(model: str, lmcache: bool, prefix_caching: bool):
+    if not lmcache:
+        from vllm import LLM
+
+        return LLM(model=model, skip_tokenizer_init=True, enforce_eager=True,
+                   dtype="float32", max_model_len=4096, enable_prefix_caching=prefix_caching,
+                   seed=0)
+    # --8<-- [start:llm]
+    from vllm import LLM
     from vllm.config import KVTransferConfig
 
+    llm = LLM(model=model, kv_transfer_config=KVTransferConfig(
+        kv_connector="LMCacheConnectorV1", kv_role="kv_both"),
+    # --8<-- [end:llm]
+              skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
+              max_model_len=4096, enable_prefix_caching=prefix_caching, seed=0)
+    return llm
+
+
+def main() -> None:
+    from vllm import SamplingParams
+
     model, connector, prefix = sys.argv[1:4]
-    kwargs = {}
-    if connector == "lmcache":
-        kwargs["kv_transfer_config"] = KVTransferConfig(kv_connector="LMCacheConnectorV1",
-                                                        kv_role="kv_both")
-    llm = LLM(model=model, skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
-              max_model_len=4096, enable_prefix_caching=prefix == "prefix", seed=0,
-              **kwargs)
+    llm = make_llm(model, connector == "lmcache", prefix == "prefix")
     _reply({"ready": True})
     for line in sys.stdin:
         cmd = json.loads(line)

@@ -20,6 +20,8 @@ from lmcache.experimental.memory_management import (
     PinMemoryAllocator,
 )
 from lmcache.experimental.storage_backend.serde import NaiveSerde, ZstdSerde
+
+# --8<-- [start:imports]
 from lmcache.testing.conformance import (
     AllocatorConformance,
     GPUConnectorConformance,
@@ -27,13 +29,17 @@ from lmcache.testing.conformance import (
     TokenDatabaseConformance,
 )
 
+# --8<-- [end:imports]
+
 # -- allocators ------------------------------------------------------------------------------
 
 
+# --8<-- [start:allocator]
 class TestHostMemoryAllocator(AllocatorConformance):
     @pytest.fixture
     def allocator(self):
         return HostMemoryAllocator(4 << 20)
+# --8<-- [end:allocator]
 
 
 @pytest.mark.filterwarnings("ignore::lmcache.experimental.memory_management."
@@ -124,6 +130,7 @@ class TestPagedConnectorV2Stacked(_PagedKit):
         return VLLMPagedMemGPUConnectorV2(HIDDEN, LAYERS, use_gpu=True)
 
 
+# --8<-- [start:connector]
 class TestCPUBlockConnector(GPUConnectorConformance):
     token_alignment = BLOCK
 
@@ -138,6 +145,7 @@ class TestCPUBlockConnector(GPUConnectorConformance):
         caches = [torch.zeros(NUM_BLOCKS, HEADS, BLOCK, 2 * HEAD_SIZE, dtype=dtype)
                   for _ in range(LAYERS)]
         return {"kvcaches": caches, "slot_mapping": slots}
+# --8<-- [end:connector]
 
 
 @pytest.mark.gpu
@@ -183,10 +191,12 @@ class TestChunkedTokenDatabase(TokenDatabaseConformance):
 # -- serdes ----------------------------------------------------------------------------------
 
 
+# --8<-- [start:serde]
 class TestNaiveSerde(SerdeConformance):
     @pytest.fixture
     def serde(self):
         return NaiveSerde()
+# --8<-- [end:serde]
 
 
 class TestZstdSerde(SerdeConformance):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +72,39 @@ def test_remote_page_lists_every_remote_option():
         assert f"<!-- lmcache:options {kind} {name} -->" in page
         for option in registry.options_model(kind, name).model_fields:
             assert f"| `{option}` |" in rendered, (name, option)
+
+
+# --- code in the docs comes from files the tests run ----------------------------------------
+
+_FENCE = re.compile(r"```python\n(.*?)```", re.S)
+_INCLUDE = re.compile(r'--8<-- "([^"]+)"')
+
+
+@pytest.mark.parametrize("snippet", sorted((DOCS / "snippets").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_doc_snippets_run(snippet, tmp_path):
+    done = subprocess.run([sys.executable, str(snippet)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_python_listings_are_included_from_files():
+    """A Python listing is an excerpt of a file that the tests run (``--8<--``), or
+    imports only; never code typed into a page where no test sees it."""
+    for page in DOCS.rglob("*.md"):
+        for body in _FENCE.findall(page.read_text()):
+            if "--8<--" in body:
+                continue
+            tree = ast.parse(body)
+            assert all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body), \
+                f"{page.relative_to(DOCS)}: a Python listing typed into the page:\n{body}"
+
+
+def test_included_sections_exist():
+    for page in DOCS.rglob("*.md"):
+        for target in _INCLUDE.findall(page.read_text()):
+            path, _, section = target.partition(":")
+            text = (ROOT / path).read_text()
+            if section and not section.isdigit():
+                assert f"--8<-- [start:{section}]" in text, (page, target)
+                assert f"--8<-- [end:{section}]" in text, (page, target)

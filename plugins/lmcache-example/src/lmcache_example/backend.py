@@ -15,6 +15,7 @@ from lmcache.experimental.storage_backend.abstract_backend import StorageBackend
 from lmcache.plugin.options import PluginOptions
 
 
+# --8<-- [start:component]
 class InMemoryBackend(StorageBackendInterface):
     """Chunks as bytes in an LRU dictionary; puts complete before they return."""
 
@@ -32,6 +33,7 @@ class InMemoryBackend(StorageBackendInterface):
     def from_options(cls, options: Options, config: Any, metadata: Any,
                      **context: Any) -> InMemoryBackend:
         return cls(context["memory_allocator"], options.max_entries)
+    # --8<-- [end:component]
 
     def contains(self, key: Any) -> bool:
         with self._lock:
