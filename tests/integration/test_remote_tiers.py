@@ -289,3 +289,40 @@ def test_redis_killed_and_restarted_during_stores_and_retrieves(build, caplog): 
         assert len(keys) == 8 * 2
     finally:
         server.stop()
+
+
+# --- the S3 tier runs the storage backend conformance kit --------------------------------
+
+from lmcache.experimental.storage_backend.remote_backend import FsspecTransport  # noqa: E402
+from lmcache.experimental.storage_backend.serde import NaiveSerde  # noqa: E402
+from lmcache.testing.conformance import StorageBackendConformance  # noqa: E402
+from tests.unit.test_conformance_backends import _damage_file  # noqa: E402
+
+
+class TestS3Conformance(StorageBackendConformance):
+    """The kit against a real S3 server (SeaweedFS): ``s3://`` through `FsspecTransport`."""
+
+    persistent = True
+
+    @pytest.fixture
+    def backend_factory(self, allocator, s3_server, s3_bucket):
+        ns = namespace()
+
+        def make(budget_bytes=None):
+            transport = FsspecTransport(f"{s3_bucket}/kit", ns, timeout_s=10,
+                                        storage_options=s3_server.storage_options())
+            return RemoteBackend(transport, NaiveSerde(), allocator, timeout_s=10)
+
+        return make
+
+    def _path(self, backend, key):
+        return backend.transport.fs, backend.transport.object_name(key.to_string())
+
+    def corrupt(self, backend, key):
+        _damage_file(*self._path(backend, key), "corrupt")
+
+    def truncate(self, backend, key):
+        _damage_file(*self._path(backend, key), "truncate")
+
+    def lose(self, backend, key):
+        _damage_file(*self._path(backend, key), "lose")
