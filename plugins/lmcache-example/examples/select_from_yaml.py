@@ -37,6 +37,9 @@ def main() -> None:
         prompt = torch.arange(tokens)
         kv = [torch.randn(2, tokens, heads, head_size).to(torch.float16) for _ in range(layers)]
         engine.store(prompt, kvcaches=kv)
+        # tiers below the CPU write on their own threads: wait for them before looking
+        # (a serving engine does not; a chunk becomes visible when its write is done)
+        engine.storage_manager.flush()
         found = engine.lookup(prompt)
         out = [torch.zeros_like(layer) for layer in kv]
         hit = engine.retrieve(prompt, kvcaches=out)
