@@ -15,11 +15,13 @@ Every output is compared token for token (greedy, fp32) with vLLM without a conn
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
+from lmcache.testing.servers import free_port
 from tests.e2e.conftest import random_tokens
 
 pytestmark = pytest.mark.slow
@@ -60,12 +62,28 @@ def baseline(tiny_llama, vllm_factory, tmp_path_factory) -> dict[str, list[int]]
     return result
 
 
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """The lmcache samples of a /metrics endpoint, by (name, sorted labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith("lmcache_")}
+
+
 @pytest.fixture(scope="module")
 def first(tiny_llama, vllm_factory, workdir, baseline) -> dict:
-    proc = vllm_factory(tiny_llama, workdir, lmcache=True, prefix_caching=True, name="first")
+    # lmcache-prometheus (a hook plugin, installed by make test) serves the metrics of the
+    # worker's engine on this port
+    port = free_port()
+    proc = vllm_factory(tiny_llama, workdir, lmcache=True, prefix_caching=True, name="first",
+                        env={"LMCACHE_PROMETHEUS_PORT": str(port)})
     rec = {"store": proc.generate([A, C1, C2, D, E])}
     proc.call(op="reset_prefix_cache")
     rec["hit"] = proc.generate([A, D, E])
+    rec["metrics"] = _scrape(port)
     marker = len(proc.loaded_ranges())
     rec["beyond_vllm"] = proc.generate([A])  # vLLM holds A's 5 whole blocks itself now
     rec["beyond_vllm_loads"] = proc.loaded_ranges()[marker:]
@@ -162,6 +180,28 @@ def test_partial_prefix_hit(first, baseline):
     assert first["partial"]["outputs"] == [baseline["B"]]
     assert first["partial"]["cached"] == [2 * CHUNK]
     assert first["partial_loads"] == [(0, 2 * CHUNK, 0)]
+
+
+def test_metrics_of_the_worker_engine_are_served(first):
+    metrics = first["metrics"]
+    engine = {labels for (name, labels) in metrics if name == "lmcache_hits_total"}
+    assert engine, f"no lmcache metrics served: {sorted(metrics)[:10]}"
+
+    def value(name, **labels):
+        return sum(v for (n, ls), v in metrics.items()
+                   if n == name and all((k, val) in ls for k, val in labels.items()))
+
+    # the hit phase loaded A, D and E in full (the last token is recomputed by vLLM, but
+    # the chunk holding it is loaded whole)
+    assert value("lmcache_hits_total", operation="retrieve") == 3
+    assert value("lmcache_hit_tokens_total", operation="retrieve") == len(A) + len(D) + len(E)
+    assert value("lmcache_retrieved_tokens_total", tier="local_cpu") == \
+        len(A) + len(D) + len(E)
+    stored = value("lmcache_stored_tokens_total", tier="local_cpu")
+    # C1 and C2 share their first chunk (of S), stored once
+    assert stored == len(A) + len(C1) + len(C2) - CHUNK + len(D) + len(E)
+    assert value("lmcache_stored_bytes_total", tier="local_disk") > 0
+    assert value("lmcache_lookup_duration_seconds_count", operation="lookup") >= 8
 
 
 def test_no_errors_logged(first, restart):
