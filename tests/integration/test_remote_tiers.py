@@ -295,14 +295,12 @@ def test_redis_killed_and_restarted_during_stores_and_retrieves(build, caplog): 
 
 from lmcache.experimental.storage_backend.remote_backend import FsspecTransport  # noqa: E402
 from lmcache.experimental.storage_backend.serde import NaiveSerde  # noqa: E402
-from lmcache.testing.conformance import StorageBackendConformance  # noqa: E402
-from tests.unit.test_conformance_backends import _damage_file  # noqa: E402
+from tests.unit.test_conformance_backends import _RemoteKit  # noqa: E402
 
 
-class TestS3Conformance(StorageBackendConformance):
-    """The kit against a real S3 server (SeaweedFS): ``s3://`` through `FsspecTransport`."""
-
-    persistent = True
+class TestS3Conformance(_RemoteKit):
+    """The kit against a real S3 server (SeaweedFS): ``s3://`` through `FsspecTransport`;
+    the damage helpers are the fsspec ones of the other remote kits."""
 
     @pytest.fixture
     def backend_factory(self, allocator, s3_server, s3_bucket):
@@ -314,15 +312,3 @@ class TestS3Conformance(StorageBackendConformance):
             return RemoteBackend(transport, NaiveSerde(), allocator, timeout_s=10)
 
         return make
-
-    def _path(self, backend, key):
-        return backend.transport.fs, backend.transport.object_name(key.to_string())
-
-    def corrupt(self, backend, key):
-        _damage_file(*self._path(backend, key), "corrupt")
-
-    def truncate(self, backend, key):
-        _damage_file(*self._path(backend, key), "truncate")
-
-    def lose(self, backend, key):
-        _damage_file(*self._path(backend, key), "lose")

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING, Any, Protocol
@@ -405,16 +406,22 @@ def read_object(
     header = decode_header(head, max_payload)
     if header is None:
         return None
+    return fill_object(header, allocator, lambda payload: (
+        _read_exactly_into(f, payload) == header.payload_length and not f.read(1)))
+
+
+def fill_object(header: ObjectHeader, allocator: MemoryAllocatorInterface,
+                fill: Callable[[memoryview], bool]) -> MemoryObj | None:
+    """A new object for ``header`` whose payload ``fill`` writes, checked against the
+    header's checksum; ``None`` (the object freed again) when there is no room, ``fill``
+    returns False or the checksum does not match. Exceptions of ``fill`` propagate, after
+    the object is freed."""
     obj = allocate_for(header, allocator)
     if obj is None:
         return None
     try:
         payload = obj.byte_array
-        ok = (
-            _read_exactly_into(f, payload) == header.payload_length
-            and not f.read(1)
-            and verify_payload(header, payload)
-        )
+        ok = fill(payload) and verify_payload(header, payload)
     except BaseException:
         obj.ref_count_down()
         raise

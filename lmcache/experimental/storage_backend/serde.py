@@ -46,11 +46,10 @@ from lmcache.experimental.storage_backend.object_format import (
     HEADER_SIZE,
     MAX_PAYLOAD_BYTES,
     ObjectHeader,
-    allocate_for,
     build_header,
     decode_header,
+    fill_object,
     payload_checksum,
-    verify_payload,
 )
 from lmcache.plugin.options import PluginOptions
 
@@ -148,20 +147,11 @@ class NaiveSerde(Serde):
         header = decode_header(mv[:HEADER_SIZE], self.max_payload)
         if header is None or mv.nbytes != header.total_size:
             return None
-        obj = allocate_for(header, allocator)
-        if obj is None:
-            return None
-        try:
-            payload = obj.byte_array
+        def copy(payload: memoryview) -> bool:
             payload[:] = mv[HEADER_SIZE:]
-            ok = verify_payload(header, payload)
-        except BaseException:
-            obj.ref_count_down()
-            raise
-        if not ok:
-            obj.ref_count_down()
-            return None
-        return obj
+            return True
+
+        return fill_object(header, allocator, copy)
 
 
 _ZST_MAGIC = b"LMCZST"
@@ -259,19 +249,8 @@ class ZstdSerde(Serde):
         shuffled = bool(flags & _FLAG_SHUFFLE)
         if shuffled and (itemsize < 2 or header.payload_length % itemsize):
             return None
-        obj = allocate_for(header, allocator)
-        if obj is None:
-            return None
-        try:
-            ok = self._decode_into(frame, obj.byte_array, itemsize if shuffled else 1) \
-                and verify_payload(header, obj.byte_array)
-        except BaseException:
-            obj.ref_count_down()
-            raise
-        if not ok:
-            obj.ref_count_down()
-            return None
-        return obj
+        return fill_object(header, allocator, lambda payload: self._decode_into(
+            frame, payload, itemsize if shuffled else 1))
 
     def _decode_into(self, frame: memoryview, out: memoryview, itemsize: int) -> bool:
         n = out.nbytes

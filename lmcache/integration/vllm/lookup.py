@@ -19,6 +19,7 @@ import socketserver
 import struct
 import tempfile
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -64,7 +65,7 @@ def _recv(sock: socket.socket) -> bytes:
     return _recv_exactly(sock, n)
 
 
-def _encode(tokens: list[int], cache_salt: str | None) -> bytes:
+def _encode(tokens: Sequence[int], cache_salt: str | None) -> bytes:
     header = json.dumps({"cache_salt": cache_salt, "n": len(tokens)}).encode()
     return struct.pack("<I", len(header)) + header + np.asarray(tokens, "<i4").tobytes()
 
@@ -139,7 +140,7 @@ class LookupClient:
         self._lock = threading.Lock()
         self._warned = False
 
-    def lookup(self, tokens: list[int], cache_salt: str | None) -> int:
+    def lookup(self, tokens: Sequence[int], cache_salt: str | None) -> int:
         """Cached prefix tokens of ``tokens``; 0 when worker 0 cannot be asked."""
         with _local_lock:
             engine = _local_engines.get(self.instance_id)

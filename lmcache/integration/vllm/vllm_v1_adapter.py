@@ -33,6 +33,7 @@ Configuration
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import multiprocessing.util
 import os
@@ -437,7 +438,7 @@ class LMCacheConnectorV1Impl:
             return 0
         started = time.perf_counter()
         try:
-            hit = self._lookup.lookup(list(prompt), getattr(request, "cache_salt", None)) \
+            hit = self._lookup.lookup(prompt, getattr(request, "cache_salt", None)) \
                 if self._lookup is not None else 0
         except Exception as exc:
             self._warn_once("looking up a prompt", exc)
@@ -457,7 +458,7 @@ class LMCacheConnectorV1Impl:
             return
         if num_external_tokens <= 0 or tracked.load is None:
             tracked.load = None
-        elif num_external_tokens != tracked.load.num_external:
+        else:
             tracked.load.num_external = num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput
@@ -488,8 +489,10 @@ class LMCacheConnectorV1Impl:
     def _emit(self, meta: LMCacheConnectorMetadata, req_id: str, tracked: _Tracked,
               num_computed: int, num_scheduled: int) -> None:
         request = tracked.request
-        prompt = list(request.prompt_token_ids or [])
-        tokens = list(request.all_token_ids) if self.save_decode_cache else prompt
+        # lengths only: the token lists are copied below, and only for a request that has
+        # something to load or store this step (most decode steps have neither)
+        prompt = request.prompt_token_ids or []
+        tokens = request.all_token_ids if self.save_decode_cache else prompt
         load = None
         if tracked.load is not None and not tracked.load_sent:
             load, tracked.load_sent = tracked.load, True
@@ -511,7 +514,7 @@ class LMCacheConnectorV1Impl:
             return
         needed = max(save_end, load.lmcache_tokens if load else 0)
         meta.requests.append(RequestMeta(
-            req_id=req_id, token_ids=tokens[:needed],
+            req_id=req_id, token_ids=list(itertools.islice(tokens, needed)),
             block_ids=list(tracked.block_ids), cache_salt=getattr(request, "cache_salt", None),
             load=load, save_skip=skip, save_end=save_end))
 
