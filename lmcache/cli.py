@@ -32,7 +32,7 @@ def _plugins_list(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from lmcache.experimental.config import ConfigError, LMCacheEngineConfig
+    from lmcache.kernel.config import ConfigError, LMCacheEngineConfig
 
     try:
         config = LMCacheEngineConfig.from_file(args.file)
@@ -45,7 +45,7 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _config_schema(args: argparse.Namespace) -> int:
-    from lmcache.experimental.config import config_json_schema
+    from lmcache.kernel.config_schema import config_json_schema
 
     print(json.dumps(config_json_schema(), indent=2, sort_keys=False))
     return 0

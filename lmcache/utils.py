@@ -1,10 +1,17 @@
-"""Small shared types: the chunk key."""
+"""Small things everything may import: the chunk key, the byte-buffer type, log-once."""
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote
+
+#: What a serde produces and a transport moves: any contiguous buffer of bytes.
+Buffer = bytes | bytearray | memoryview
 
 _HEX = re.compile(r"[0-9a-f]{16,128}")
 _SAFE_FMT = re.compile(r"[A-Za-z0-9_]{1,32}")
@@ -83,3 +90,44 @@ def _encode_model(model_name: str) -> str:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+class LogOnce:
+    """Log the first event of each kind as a warning and later ones at DEBUG level.
+
+    For faults that repeat per chunk (a store that is down, a disk that is full): the
+    operator sees one warning per kind and component, not one per chunk.
+    """
+
+    def __init__(self, logger: logging.Logger, prefix: str = "") -> None:
+        self.logger = logger
+        self.prefix = prefix.replace("%", "%%")  # logged as part of a format string
+        self._seen: set[Any] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: Any, message: str, *args: Any) -> bool:
+        """Log ``message % args`` for an event of ``kind``; returns whether it was the first."""
+        with self._lock:
+            first = kind not in self._seen
+            self._seen.add(kind)
+        if first:
+            self.logger.warning(self.prefix + message + " (further events of this kind are "
+                                "logged at DEBUG level)", *args)
+        else:
+            self.logger.debug(self.prefix + message, *args)
+        return first
+
+
+def call_observer(logger: logging.Logger, callback: Callable[..., Any] | None,
+                  *args: Any) -> None:
+    """``callback(*args)``, if there is one, with its exceptions logged and swallowed.
+
+    Observers end in plugin hooks; one that raises must not turn a write or a miss into
+    an exception on the serving path.
+    """
+    if callback is None:
+        return
+    try:
+        callback(*args)
+    except Exception:
+        logger.exception("observer %r raised", callback)

@@ -7,14 +7,9 @@ import torch
 
 from lmcache.experimental.config import LMCacheEngineConfig, LMCacheEngineMetadata
 from lmcache.experimental.memory_management import HostMemoryAllocator
-from lmcache.experimental.storage_backend.remote_backend import (
-    RemoteBackend,
-    RemoteOptions,
-    RemoteTransport,
-    backend_kwargs,
-    make_serde,
-    require_allocator,
-)
+from lmcache.abc.remote_transport import RemoteTransport
+from lmcache.abc.storage_backend import TierContext
+from lmcache.kits.remote import RemoteBackend, RemoteOptions
 from lmcache.utils import CacheEngineKey
 
 
@@ -53,11 +48,9 @@ class DictStoreBackend(RemoteBackend):
         pass
 
     @classmethod
-    def from_options(cls, options, config, metadata, **context):
+    def from_options(cls, options, config, metadata, context: TierContext):
         transport = DictTransport(options.url, options.timeout_s)
-        serde = make_serde(options.serde, options.serde_options, config, metadata)
-        return cls(transport, serde, require_allocator(cls, context),
-                   **backend_kwargs(options, context))
+        return cls.from_transport(transport, options, config, metadata, context)
 # --8<-- [end:transport]
 
 
@@ -66,7 +59,7 @@ metadata = LMCacheEngineMetadata("m", 1, 0, "vllm", torch.float32, (1, 2, 16, 1,
 allocator = HostMemoryAllocator(1 << 20)
 backend = DictStoreBackend.from_options(
     DictStoreBackend.Options(url="dict://docs"), config, metadata,
-    memory_allocator=allocator, tier_name="dictstore")
+    TierContext(tier_name="dictstore", memory_allocator=allocator))
 key = CacheEngineKey("vllm", "m", 1, 0, "ab" * 32)
 obj = allocator.allocate((2, 1, 16, 4), torch.float32)
 obj.tensor.copy_(torch.randn(2, 1, 16, 4))

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from lmcache.experimental.config import LMCacheEngineConfig, LMCacheEngineMetadata
+    from lmcache.kernel.config import LMCacheEngineConfig
+    from lmcache.kernel.metadata import LMCacheEngineMetadata
     from lmcache.plugin.registry import Registry
     from lmcache.utils import CacheEngineKey
 

@@ -11,6 +11,18 @@ own components are entry points of the ``lmcache`` distribution and go through e
 the same table. Listing names reads metadata only; a module is imported when its name
 is selected (`Registry.load`), so a broken plugin only fails the configurations
 that use it, and the error names its distribution.
+
+URL schemes
+    A storage backend that serves a scheme of ``remote_url`` claims it in the group
+    ``lmcache.url_schemes``: the entry-point name is the scheme, the value the backend's
+    ``module:Class`` (the same string as its ``lmcache.storage_backends`` entry)::
+
+        [project.entry-points."lmcache.url_schemes"]
+        acme = "acme_lmcache.backend:AcmeBackend"
+
+    The ``remote`` tier then builds that backend for ``acme://...`` URLs
+    (`Registry.backend_for_scheme`); two distributions claiming one scheme is an error
+    naming both. Resolving a scheme reads metadata only.
 """
 
 from __future__ import annotations
@@ -39,14 +51,22 @@ KINDS: dict[str, str] = {
 #: Entry-point group of modules that hold pluggy hook implementations.
 PLUGINS_GROUP = "lmcache.plugins"
 
+#: Entry-point group of remote URL schemes: scheme → ``module:Class`` of the storage
+#: backend that serves it.
+URL_SCHEMES_GROUP = "lmcache.url_schemes"
+#: The registry's table of URL schemes (not a component kind: nothing is built from it).
+URL_SCHEME = "url_scheme"
+
+#: Every table the registry reads: the component kinds, and the URL schemes.
+TABLES: dict[str, str] = {**KINDS, URL_SCHEME: URL_SCHEMES_GROUP}
+
 #: The abstract base each kind's classes must derive from (imported only on load).
 BASES: dict[str, str] = {
-    "allocator": "lmcache.experimental.memory_management:MemoryAllocatorInterface",
-    "gpu_connector": "lmcache.experimental.gpu_connector:GPUConnectorInterface",
-    "token_database": "lmcache.experimental.token_database:TokenDatabase",
-    "storage_backend":
-        "lmcache.experimental.storage_backend.abstract_backend:StorageBackendInterface",
-    "serde": "lmcache.experimental.storage_backend.serde:Serde",
+    "allocator": "lmcache.abc.memory:MemoryAllocatorInterface",
+    "gpu_connector": "lmcache.abc.gpu_connector:GPUConnectorInterface",
+    "token_database": "lmcache.abc.token_database:TokenDatabase",
+    "storage_backend": "lmcache.abc.storage_backend:StorageBackendInterface",
+    "serde": "lmcache.abc.serde:Serde",
 }
 
 RUNTIME_DISTRIBUTION = "<registered at runtime>"
@@ -102,7 +122,7 @@ class PluginEntry:
 
     @property
     def group(self) -> str:
-        return KINDS[self.kind]
+        return TABLES[self.kind]
 
     @property
     def first_party(self) -> bool:
@@ -150,7 +170,7 @@ class Registry:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._entries: dict[str, dict[str, list[PluginEntry]]] | None = None
-        self._runtime: dict[str, dict[str, PluginEntry]] = {k: {} for k in KINDS}
+        self._runtime: dict[str, dict[str, PluginEntry]] = {k: {} for k in TABLES}
         self._runtime_objects: dict[tuple[str, str], Any] = {}
         self._loaded: dict[PluginEntry, type] = {}
 
@@ -166,9 +186,9 @@ class Registry:
         with self._lock:
             if self._entries is not None:
                 return self._entries
-            table: dict[str, dict[str, list[PluginEntry]]] = {k: {} for k in KINDS}
+            table: dict[str, dict[str, list[PluginEntry]]] = {k: {} for k in TABLES}
             source = _source_checkout_entry_points()
-            for kind, group in KINDS.items():
+            for kind, group in TABLES.items():
                 for name, entry in self._group_entries(kind, group, source):
                     bucket = table[kind].setdefault(name, [])
                     # the same distribution seen twice on sys.path is one registration
@@ -199,7 +219,9 @@ class Registry:
                  distribution: str = RUNTIME_DISTRIBUTION) -> PluginEntry:
         """Add a component at run time (from a ``lmcache_register_components`` hook or a test).
 
-        ``obj`` is the class itself or a ``"module:Class"`` string.
+        ``obj`` is the class itself or a ``"module:Class"`` string. With ``kind``
+        ``"url_scheme"``, ``name`` is a URL scheme and ``obj`` the storage backend that
+        serves it.
         """
         self._check_kind(kind)
         value = obj if isinstance(obj, str) else f"{obj.__module__}:{obj.__qualname__}"
@@ -221,7 +243,7 @@ class Registry:
 
     @staticmethod
     def _check_kind(kind: str) -> None:
-        if kind not in KINDS:
+        if kind not in TABLES:
             raise ValueError(f"unknown component kind {kind!r}; expected one of {sorted(KINDS)}")
 
     def _candidates(self, kind: str, name: str) -> list[PluginEntry]:
@@ -237,7 +259,8 @@ class Registry:
         return sorted(set(self._discover()[kind]) | set(self._runtime[kind]))
 
     def entries(self, kind: str | None = None) -> list[PluginEntry]:
-        """Every registration (duplicates included), by kind then name."""
+        """Every registration (duplicates included), by kind then name; all component
+        kinds when ``kind`` is None (the URL schemes only when asked for by name)."""
         kinds = [kind] if kind is not None else list(KINDS)
         out: list[PluginEntry] = []
         for k in kinds:
@@ -258,10 +281,32 @@ class Registry:
         kind, name = key
         return bool(self._candidates(kind, name))
 
+    def backend_for_scheme(self, scheme: str) -> str | None:
+        """The name of the storage backend that claims the URL scheme ``scheme``, or None
+        when no distribution claims it.
+
+        :raises DuplicatePluginError: two distributions claim the scheme.
+        :raises PluginLoadError: the claimed class is not a registered storage backend.
+        """
+        scheme = scheme.lower()
+        if not self._candidates(URL_SCHEME, scheme):
+            return None
+        claim = self.entry(URL_SCHEME, scheme)
+        backends = [e for e in self.entries("storage_backend") if e.value == claim.value]
+        if not backends:
+            raise PluginLoadError(
+                f"URL scheme {scheme!r} is claimed by distribution {claim.distribution!r} "
+                f"for {claim.value}, which is not a registered storage backend; expected "
+                f"the same module:Class as one of its lmcache.storage_backends entries")
+        return backends[0].name
+
     # -- loading -----------------------------------------------------------------------
 
     def load(self, kind: str, name: str) -> type:
         """Import and return the class registered as ``name`` for ``kind``."""
+        if kind not in BASES:
+            raise ValueError(f"{kind!r} entries are not components; expected one of "
+                             f"{sorted(KINDS)}")
         entry = self.entry(kind, name)
         with self._lock:
             if entry in self._loaded:
@@ -299,12 +344,23 @@ class Registry:
         return self.options_model(kind, name).model_validate(dict(options))
 
     def create(self, kind: str, name: str, options: Mapping[str, Any] | PluginOptions,
-               config: Any, metadata: Any, **context: Any) -> Any:
-        """Load, validate and build the component ``name`` of ``kind``."""
+               config: Any, metadata: Any, context: Any = None) -> Any:
+        """Load, validate and build the component ``name`` of ``kind``.
+
+        ``context`` is what the kind's ``from_options`` receives besides options, config
+        and metadata: a `lmcache.abc.storage_backend.TierContext` for a storage backend
+        (required), a `lmcache.abc.gpu_connector.ConnectorContext` for a GPU connector
+        (optional); the other kinds take none.
+        """
+        if kind == "storage_backend" and context is None:
+            raise ValueError(f"storage backend {name!r} is built with a TierContext "
+                             "(lmcache.abc.storage_backend); got context=None")
         cls = self.load(kind, name)
         if not isinstance(options, PluginOptions):
             options = self.validate_options(kind, name, options)
-        return cls.from_options(options, config, metadata, **context)
+        if context is None:
+            return cls.from_options(options, config, metadata)
+        return cls.from_options(options, config, metadata, context=context)
 
 
 def plugin_modules() -> list[tuple[str, str, str]]:
@@ -332,6 +388,9 @@ __all__ = [
     "BASES",
     "KINDS",
     "PLUGINS_GROUP",
+    "TABLES",
+    "URL_SCHEMES_GROUP",
+    "URL_SCHEME",
     "DuplicatePluginError",
     "PluginEntry",
     "PluginError",

@@ -487,7 +487,7 @@ def test_per_request_salt(build):
 @pytest.mark.parametrize("stacked", [True, False])
 def test_whole_page_chunks_round_trip(build, stacked):
     """vLLM's usual case: chunks of whole pages (in any page order) take the page path."""
-    from lmcache.experimental.gpu_connector import _whole_blocks
+    from lmcache.builtin.connectors._cpu_moves import whole_blocks as _whole_blocks
 
     g = Geometry()
     n = 4 * CHUNK  # CHUNK == block_size: every chunk is one whole page

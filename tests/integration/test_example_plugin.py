@@ -6,6 +6,7 @@ import importlib.metadata as md
 
 import torch
 
+from lmcache.abc.storage_backend import TierContext
 from lmcache.experimental.config import LMCacheEngineConfig, LMCacheEngineMetadata
 from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryFormat
 from lmcache.experimental.token_database import ChunkedTokenDatabase
@@ -28,7 +29,7 @@ def test_select_example_backend_from_yaml_and_round_trip(tmp_path, plugin_regist
     allocator = HostMemoryAllocator(1 << 20)
     [spec] = config.storage_backend_specs()
     backend = plugin_registry.create("storage_backend", spec.name, spec.options, config, meta,
-                                     memory_allocator=allocator, tier_name=spec.name)
+                                     TierContext(tier_name=spec.name, memory_allocator=allocator))
     keys = [k for _, _, k in ChunkedTokenDatabase(config, meta).process_tokens(torch.arange(48))]
 
     for i, key in enumerate(keys):

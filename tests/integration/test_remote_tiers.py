@@ -17,6 +17,7 @@ import pytest
 import redis
 import torch
 
+from lmcache.abc.storage_backend import TierContext
 from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryFormat
 from lmcache.experimental.storage_backend.object_format import HEADER_SIZE, decode_header
 from lmcache.experimental.storage_backend.remote_backend import RemoteBackend
@@ -84,7 +85,7 @@ def open_s3(s3_server, bucket, allocator, **options) -> RemoteBackend:
     spec = s3_tier(s3_server, bucket, **options)
     spec.pop("name")
     return registry.create("storage_backend", "remote", spec, None, None,
-                           memory_allocator=allocator, tier_name="s3")
+                           TierContext(tier_name="s3", memory_allocator=allocator))
 
 
 @pytest.mark.parametrize("serde", ["naive", "zstd"])

@@ -37,7 +37,8 @@ def _slots(blocks: list[int], num_tokens: int) -> torch.Tensor:
 def kernels(request, monkeypatch):
     """Run with the compiled row kernels and with the pure-torch fallback."""
     if request.param == "torch":
-        monkeypatch.setattr("lmcache.experimental.gpu_connector.cpu_ops", lambda: None)
+        monkeypatch.setattr("lmcache.builtin.connectors.cpu_blocks.cpu_ops", lambda: None)
+        monkeypatch.setattr("lmcache.builtin.connectors._cpu_moves.cpu_ops", lambda: None)
     return request.param
 
 

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from lmcache.experimental.gpu_connector import VLLMPagedMemGPUConnectorV2, _whole_blocks
+from lmcache.builtin.connectors._cpu_moves import whole_blocks as _whole_blocks
+from lmcache.experimental.gpu_connector import VLLMPagedMemGPUConnectorV2
 from lmcache.experimental.memory_management import HostMemoryAllocator
 from lmcache.ops import ENV, cpu_ops
 from tests.kvutil import Geometry, paged_cache, slots_of

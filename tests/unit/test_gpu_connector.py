@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
+from lmcache.abc.gpu_connector import ConnectorContext
 from lmcache.experimental.config import LMCacheEngineConfig, LMCacheEngineMetadata
 from lmcache.experimental.gpu_connector import (
     GPUConnectorInterface,
@@ -588,7 +589,7 @@ def test_registry_v2_use_gpu(engine, plugin_registry):
                                metadata)
     assert c.use_gpu and c._staging is None  # made on first use
     c = plugin_registry.create("gpu_connector", "vllm_paged_v2", {"use_gpu": True}, config,
-                               metadata, device="cpu")
+                               metadata, ConnectorContext(device="cpu"))
     assert c._staging.numel() == 2 * 4 * 256 * 32 and c._staging.dtype == torch.bfloat16
     assert "use_gpu" in VLLMPagedMemGPUConnectorV2.Options.model_fields
     assert VLLMPagedMemGPUConnectorV2.Options.model_fields["use_gpu"].description

@@ -21,7 +21,8 @@ import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
-import lmcache.experimental.storage_backend.local_disk_backend as ldb
+import lmcache.builtin.tiers.disk.files as ldb  # the tier's file I/O
+from lmcache.abc.storage_backend import TierContext, TierEvents
 from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryFormat
 from lmcache.experimental.storage_backend.local_disk_backend import (
     OBJECT_SUFFIX,
@@ -35,6 +36,9 @@ KV_SHAPE = (2, 4, 256, 64)
 SMALL = (2, 4, 16, 64)  # 8192 elements
 GIB = 1024**3
 REPO = Path(__file__).resolve().parents[2]
+
+#: The logger of every module of the disk tier.
+DISK_LOGGER = "lmcache.builtin.tiers.disk"
 
 
 def key(i: int, model: str = "test/model") -> CacheEngineKey:
@@ -224,7 +228,7 @@ def test_a_failing_callback_does_not_break_the_write(open_backend, allocator, ca
         raise RuntimeError("observer bug")
 
     backend = open_backend(on_stored=boom)
-    with caplog.at_level(logging.ERROR, logger=ldb.__name__):
+    with caplog.at_level(logging.ERROR, logger=DISK_LOGGER):
         store(backend, allocator, key(13), 13)
     assert backend.contains(key(13))
     assert "observer bug" in caplog.text
@@ -273,14 +277,14 @@ def test_put_and_prefetch_after_close_are_refused(backend, allocator):
 
 def test_a_chunk_is_invisible_until_completely_written(backend, allocator, tmp_path):
     gate, entered = threading.Event(), threading.Event()
-    write = backend._write_object
+    write = backend.files.write
 
     def gated_write(*args):
         entered.set()
         assert gate.wait(30)
         write(*args)
 
-    backend._write_object = gated_write
+    backend.files.write = gated_write
     obj = make(allocator, 20)
     future = backend.submit_put_task(key(20), obj)
     assert entered.wait(30)
@@ -490,7 +494,7 @@ def test_bad_objects_are_misses(backend, allocator, damage, caplog):
     expected = {i: store(backend, allocator, key(i), i) for i in range(3)}
     path = Path(backend.key_to_path(key(1)))
     DAMAGES[damage](path)
-    with caplog.at_level(logging.WARNING, logger=ldb.__name__):
+    with caplog.at_level(logging.WARNING, logger=DISK_LOGGER):
         assert backend.get_blocking(key(1)) is None
     assert not backend.contains(key(1))
     assert not path.exists()  # the bad file is gone
@@ -517,7 +521,7 @@ def test_only_the_first_bad_object_is_a_warning(backend, allocator, caplog):
     for i in range(3):
         store(backend, allocator, key(i), i)
         damage_payload(Path(backend.key_to_path(key(i))))
-    with caplog.at_level(logging.DEBUG, logger=ldb.__name__):
+    with caplog.at_level(logging.DEBUG, logger=DISK_LOGGER):
         for i in range(3):
             assert backend.get_blocking(key(i)) is None
     levels = [r.levelno for r in caplog.records if "unusable" in r.getMessage()]
@@ -713,7 +717,7 @@ def test_a_failed_local_write_leaves_nothing_and_the_tier_keeps_working(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ldb, "_write_all", disk_full)
-    with caplog.at_level(logging.DEBUG, logger=ldb.__name__):
+    with caplog.at_level(logging.DEBUG, logger=DISK_LOGGER):
         for i in range(2):
             obj = make(allocator, i)
             future = backend.submit_put_task(key(i), obj)
@@ -722,7 +726,7 @@ def test_a_failed_local_write_leaves_nothing_and_the_tier_keeps_working(
             obj.ref_count_down()
             assert not backend.contains(key(i)) and not backend.exists_in_put_tasks(key(i))
     assert files(tmp_path / "cache") == []
-    assert backend.used_bytes == 0 and backend._reserved_bytes == 0
+    assert backend.used_bytes == 0 and backend.index._reserved_bytes == 0
     failures = [r for r in caplog.records if "failed" in r.getMessage()]
     assert [r.levelno for r in failures] == [logging.WARNING, logging.DEBUG]
     monkeypatch.setattr(ldb, "_write_all", real_write_all)
@@ -811,9 +815,11 @@ def test_from_options(allocator, tmp_path):
     evicted = []
     options = LocalDiskBackend.Options(path=f"file://{tmp_path}/c", max_size_gb=1,
                                        num_writers=2, checksum="crc32")
+    events = TierEvents()
+    events.evicted = lambda keys, n: evicted.append(keys)
     backend = LocalDiskBackend.from_options(
-        options, None, None, memory_allocator=allocator, tier_name="disk",
-        on_evicted=lambda keys, n: evicted.append(keys))
+        options, None, None, TierContext(tier_name="disk", memory_allocator=allocator,
+                                         events=events))
     try:
         assert backend.tier_name == "disk" and backend.checksum == "crc32"
         assert backend.on_evicted is not None and backend.memory_allocator is allocator
@@ -822,7 +828,7 @@ def test_from_options(allocator, tmp_path):
     finally:
         backend.close()
     with pytest.raises(ValueError, match="memory_allocator"):
-        LocalDiskBackend.from_options(options, None, None)
+        LocalDiskBackend.from_options(options, None, None, TierContext())
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from lmcache.experimental import memory_management as mm
+from lmcache.builtin.allocators import region as mm
 from lmcache.experimental.memory_management import (
     BufferAllocator,
     BytesBufferMemoryObj,

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from lmcache.abc.storage_backend import TierContext
 from lmcache.plugin import registry as registry_module
 from lmcache.plugin.manager import DISABLE_ENV, get_plugin_manager
 from lmcache.plugin.registry import (
@@ -18,7 +19,7 @@ from lmcache.plugin.registry import (
 
 BACKEND_SOURCE = """
 from concurrent.futures import Future
-from lmcache.experimental.storage_backend.abstract_backend import StorageBackendInterface
+from lmcache.abc.storage_backend import StorageBackendInterface
 from lmcache.plugin.options import PluginOptions
 
 class Tier(StorageBackendInterface):
@@ -29,7 +30,7 @@ class Tier(StorageBackendInterface):
         self.depth = depth
 
     @classmethod
-    def from_options(cls, options, config, metadata, **context):
+    def from_options(cls, options, config, metadata, context):
         return cls(options.depth)
 
     def contains(self, key): return False
@@ -101,7 +102,8 @@ def test_discovery_from_hand_written_dist_info(make_distribution, plugin_registr
     assert entry.distribution == "acme-tiers 2.3"
     assert "acme_tiers_a" not in sys.modules  # still lazy
     cls = plugin_registry.load("storage_backend", "acme.tier")
-    backend = plugin_registry.create("storage_backend", "acme.tier", {"depth": 3}, None, None)
+    backend = plugin_registry.create("storage_backend", "acme.tier", {"depth": 3}, None, None,
+                                     TierContext())
     assert isinstance(backend, cls) and backend.depth == 3
 
 

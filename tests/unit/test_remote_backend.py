@@ -13,6 +13,7 @@ import pydantic
 import pytest
 import torch
 
+from lmcache.abc.storage_backend import TierContext
 from lmcache.experimental.config import ConfigError, LMCacheEngineConfig
 from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryFormat
 from lmcache.experimental.storage_backend.object_format import decode_header
@@ -58,7 +59,8 @@ def remote(allocator):
 
     def make(url, **options) -> RemoteBackend:
         backend = registry.create("storage_backend", "remote", {"url": url, **options},
-                                  None, None, memory_allocator=allocator, tier_name="remote")
+                                  None, None,
+                                  TierContext(tier_name="remote", memory_allocator=allocator))
         made.append(backend)
         return backend
 
@@ -179,7 +181,10 @@ def test_lm_url_is_an_unreachable_remote(remote, allocator, caplog):
 
 
 def test_redis_urls_need_the_redis_tier(remote, plugin_registry):
-    plugin_registry._discover()["storage_backend"].pop("redis", None)  # as if uninstalled
+    table = plugin_registry._discover()  # as if lmcache-redis were not installed
+    table["storage_backend"].pop("redis", None)
+    for scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix"):
+        table["url_scheme"].pop(scheme, None)
     with pytest.raises(ImportError, match="pip install lmcache-redis"):
         remote("redis://localhost:6379")
     with pytest.raises(ValueError, match="fsspec URLs only"):

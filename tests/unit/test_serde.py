@@ -13,14 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryFormat
-from lmcache.experimental.storage_backend.object_format import (
-    _CRC_OFFSET,
-    _FIELDS,
-    HEADER_SIZE,
-    MAGIC,
-    decode_header,
-)
+from lmcache.experimental.storage_backend.object_format import HEADER_SIZE, MAGIC, decode_header
 from lmcache.experimental.storage_backend.serde import NaiveSerde, Serde, ZstdSerde
+from lmcache.kits.object_format import _CRC_OFFSET, _FIELDS
 from lmcache.plugin.registry import registry
 
 SERDES = {"naive": NaiveSerde(), "naive-crc32": NaiveSerde("crc32"), "zstd": ZstdSerde(),

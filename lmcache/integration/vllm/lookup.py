@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from lmcache.experimental.cache_engine import LMCacheEngine
+    from lmcache.kernel.cache_engine import LMCacheEngine
 
 logger = logging.getLogger(__name__)
 

@@ -45,15 +45,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmcache.experimental.cache_engine import LMCacheEngine, LMCacheEngineBuilder
-from lmcache.experimental.config import (
+from lmcache.kernel.cache_engine import LMCacheEngine, LMCacheEngineBuilder
+from lmcache.kernel.config import (
     CONFIG_FILE_ENV,
     ENV_PREFIX,
     ConfigError,
     LMCacheEngineConfig,
-    LMCacheEngineMetadata,
     env_overrides,
 )
+from lmcache.kernel.metadata import LMCacheEngineMetadata
 from lmcache.integration.vllm.lookup import LookupClient, LookupServer
 from lmcache.plugin.registry import registry
 

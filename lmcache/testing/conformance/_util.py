@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lmcache.experimental.memory_management import (
+from lmcache.abc.memory import (
     MemoryAllocatorInterface,
     MemoryFormat,
     MemoryObj,

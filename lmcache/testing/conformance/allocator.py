@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from lmcache.experimental.memory_management import (
+from lmcache.abc.memory import (
     DoubleFreeError,
     InvalidMemoryObjError,
     MemoryAllocatorInterface,

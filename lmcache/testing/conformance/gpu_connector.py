@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 import torch
 
-from lmcache.experimental.gpu_connector import GPUConnectorInterface
-from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryFormat
+from lmcache.abc.gpu_connector import GPUConnectorInterface
+from lmcache.abc.memory import MemoryFormat
+from lmcache.builtin.allocators.region import HostMemoryAllocator
 from lmcache.testing.conformance._util import fill_random
 
 

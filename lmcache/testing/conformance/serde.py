@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryAllocatorInterface
-from lmcache.experimental.storage_backend.serde import Serde
+from lmcache.abc.memory import MemoryAllocatorInterface
+from lmcache.abc.serde import Serde
+from lmcache.builtin.allocators.region import HostMemoryAllocator
 from lmcache.testing.conformance._util import (
     ROUND_TRIP_CASES,
     assert_same,

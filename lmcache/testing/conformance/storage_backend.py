@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryAllocatorInterface
-from lmcache.experimental.storage_backend.abstract_backend import StorageBackendInterface
+from lmcache.abc.memory import MemoryAllocatorInterface
+from lmcache.abc.storage_backend import StorageBackendInterface
+from lmcache.builtin.allocators.region import HostMemoryAllocator
 from lmcache.testing.conformance._util import (
     ROUND_TRIP_CASES,
     assert_same,

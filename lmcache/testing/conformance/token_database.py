@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from lmcache.experimental.token_database import TokenDatabase
+from lmcache.abc.token_database import TokenDatabase
 
 
 class TokenDatabaseConformance:

@@ -14,6 +14,7 @@ import pytest
 import redis
 import torch
 
+from lmcache.abc.storage_backend import TierContext
 from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryFormat
 from lmcache.experimental.storage_backend.object_format import HEADER_SIZE, MAGIC
 from lmcache.experimental.storage_backend.serde import NaiveSerde, ZstdSerde
@@ -288,7 +289,7 @@ def test_cluster_through_the_remote_tier(redis_cluster, allocator):
     backend = registry.create(
         "storage_backend", "remote", {"url": redis_cluster.url, "serde": "zstd",
                                       "namespace": f"t{uuid.uuid4().hex[:8]}"},
-        None, None, memory_allocator=allocator, tier_name="remote")
+        None, None, TierContext(tier_name="remote", memory_allocator=allocator))
     try:
         assert isinstance(backend, RedisBackend) and backend.transport.target.cluster
         obj = chunk(allocator, 7)

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from lmcache.experimental.memory_management import MemoryFormat
-from lmcache.experimental.storage_backend.abstract_backend import StorageBackendInterface
+from lmcache.abc.memory import MemoryFormat
+from lmcache.abc.storage_backend import StorageBackendInterface, TierContext
 from lmcache.plugin.options import PluginOptions
 
 
@@ -31,8 +31,8 @@ class InMemoryBackend(StorageBackendInterface):
 
     @classmethod
     def from_options(cls, options: Options, config: Any, metadata: Any,
-                     **context: Any) -> InMemoryBackend:
-        return cls(context["memory_allocator"], options.max_entries)
+                     context: TierContext) -> InMemoryBackend:
+        return cls(context.allocator_for(cls), options.max_entries)
     # --8<-- [end:component]
 
     def contains(self, key: Any) -> bool:

@@ -30,19 +30,12 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ResponseError
 from redis.retry import Retry
 
-from lmcache.experimental.storage_backend.remote_backend import (
-    RemoteBackend,
-    RemoteOptions,
-    RemoteTransport,
-    backend_kwargs,
-    make_serde,
-    redact_url,
-    require_allocator,
-)
+from lmcache.abc.remote_transport import RemoteTransport
+from lmcache.abc.storage_backend import TierContext
+from lmcache.kits.remote import RemoteBackend, RemoteOptions, redact_url
+from lmcache.utils import Buffer
 
 __all__ = ["RedisBackend", "RedisTarget", "RedisTransport", "parse_redis_url"]
-
-Buffer = bytes | bytearray | memoryview
 _SCHEMES = {"redis": (False, False), "rediss": (True, False),
             "redis+cluster": (False, True), "rediss+cluster": (True, True)}
 DEFAULT_PORT = 6379
@@ -263,11 +256,10 @@ class RedisBackend(RemoteBackend):
 
     @classmethod
     def from_options(cls, options: RedisBackend.Options, config: Any, metadata: Any,
-                     **context: Any) -> RedisBackend:
-        allocator = require_allocator(cls, context)
+                     context: TierContext) -> RedisBackend:
+        context.allocator_for(cls)  # before a transport is made
         transport = RedisTransport(
             options.url, namespace=options.namespace, timeout_s=options.timeout_s,
             cluster_nodes=options.cluster_nodes, tls_ca_file=options.tls_ca_file,
             tls_verify=options.tls_verify)
-        serde = make_serde(options.serde, options.serde_options, config, metadata)
-        return cls(transport, serde, allocator, **backend_kwargs(options, context))
+        return cls.from_transport(transport, options, config, metadata, context)

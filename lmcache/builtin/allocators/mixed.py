@@ -1,0 +1,143 @@
+"""Byte buffers on the Python heap, and the ``mixed`` allocator that pairs them with a
+page-locked region.
+
+* `BufferAllocator` -- `BytesBufferMemoryObj` objects over fresh ``bytearray`` buffers
+  (not a plugin: the byte half of ``mixed``);
+* ``mixed`` -- `MixedMemoryAllocator`, page-locked memory for tensors and byte buffers
+  for format ``BINARY_BUFFER``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import torch
+
+from lmcache.abc.memory import DoubleFreeError, MemoryAllocatorInterface, MemoryFormat, MemoryObj
+from lmcache.builtin.allocators.region import (
+    PinMemoryAllocator,
+    PrefaultOptions,
+    config_size_bytes,
+)
+from lmcache.kits.memory import BytesBufferMemoryObj, normalize_shape, release
+
+__all__ = ["BufferAllocator", "MixedMemoryAllocator"]
+
+_TENSOR_FORMATS = frozenset({MemoryFormat.UNDEFINED, MemoryFormat.KV_BLOB, MemoryFormat.BINARY})
+
+
+class BufferAllocator(MemoryAllocatorInterface):
+    """Allocates `BytesBufferMemoryObj` objects over fresh ``bytearray`` buffers.
+
+    There is no region: buffers come from the Python heap, so `capacity` is
+    unbounded (``sys.maxsize``). Live objects are still counted (and referenced) until
+    freed, so leaks show in `num_active_allocations`.
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"BufferAllocator holds CPU byte buffers; got device {device!r}")
+        self.device = device
+        self._lock = threading.Lock()
+        self._live: dict[int, BytesBufferMemoryObj] = {}
+        self._allocated_bytes = 0
+
+    def allocate(
+        self,
+        shape: torch.Size | tuple[int, ...],
+        dtype: torch.dtype | None,
+        fmt: MemoryFormat = MemoryFormat.BINARY_BUFFER,
+    ) -> BytesBufferMemoryObj:
+        if fmt != MemoryFormat.BINARY_BUFFER:
+            raise ValueError(f"BufferAllocator allocates format BINARY_BUFFER, got {fmt.name}")
+        size_shape = normalize_shape(shape)
+        if len(size_shape) < 1:
+            raise ValueError("shape must give the buffer's length in bytes as shape[0]")
+        nbytes = size_shape[0]
+        obj = BytesBufferMemoryObj(bytearray(nbytes))
+        obj.parent_allocator = self
+        with self._lock:
+            self._live[id(obj)] = obj
+            self._allocated_bytes += nbytes
+        return obj
+
+    def free(self, memory_obj: MemoryObj) -> None:
+        with self._lock:
+            if self._live.get(id(memory_obj)) is not memory_obj:
+                raise DoubleFreeError(f"free() of {memory_obj!r}, which is not allocated")
+            del self._live[id(memory_obj)]
+            self._allocated_bytes -= memory_obj.metadata.phy_size
+        release(memory_obj)
+
+    def get_ref_count(self, memory_obj: MemoryObj) -> int:
+        return memory_obj.get_ref_count()
+
+    @property
+    def num_active_allocations(self) -> int:
+        return len(self._live)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self._allocated_bytes
+
+    @property
+    def capacity(self) -> int:
+        return sys.maxsize
+
+
+class MixedMemoryAllocator(MemoryAllocatorInterface):
+    """Tensor formats (KV_BLOB, BINARY, UNDEFINED) from a `PinMemoryAllocator` of
+    ``size`` bytes; BINARY_BUFFER from a `BufferAllocator`.
+
+    The accounting properties add both up, except `capacity`, which is the pinned
+    region's (byte buffers live on the unbounded Python heap).
+    """
+
+    Options = PrefaultOptions
+
+    def __init__(self, size: int, *, prefault: bool = False) -> None:
+        self.pin_allocator = PinMemoryAllocator(size, prefault=prefault)
+        self.buffer_allocator = BufferAllocator("cpu")
+
+    def allocate(
+        self,
+        shape: torch.Size | tuple[int, ...],
+        dtype: torch.dtype | None,
+        fmt: MemoryFormat = MemoryFormat.KV_BLOB,
+    ) -> MemoryObj | None:
+        if fmt == MemoryFormat.BINARY_BUFFER:
+            return self.buffer_allocator.allocate(shape, dtype, fmt)
+        if fmt in _TENSOR_FORMATS:
+            return self.pin_allocator.allocate(shape, dtype, fmt)
+        raise ValueError(f"unsupported memory format {fmt!r}")
+
+    def free(self, memory_obj: MemoryObj) -> None:
+        if isinstance(memory_obj, BytesBufferMemoryObj):
+            self.buffer_allocator.free(memory_obj)
+        else:
+            self.pin_allocator.free(memory_obj)
+
+    def get_ref_count(self, memory_obj: MemoryObj) -> int:
+        return memory_obj.get_ref_count()
+
+    @property
+    def num_active_allocations(self) -> int:
+        return (
+            self.pin_allocator.num_active_allocations + self.buffer_allocator.num_active_allocations
+        )
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.pin_allocator.allocated_bytes + self.buffer_allocator.allocated_bytes
+
+    @property
+    def capacity(self) -> int:
+        return self.pin_allocator.capacity
+
+    @classmethod
+    def from_options(
+        cls, options: PrefaultOptions, config: Any, metadata: Any
+    ) -> MixedMemoryAllocator:
+        return cls(config_size_bytes(config.max_local_cpu_size), prefault=options.prefault)

@@ -1,0 +1,177 @@
+"""``vllm_cpu_blocks``: vLLM's CPU backend layout, moved as whole blocks (opaque pages)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import Field
+
+from lmcache.abc.gpu_connector import ConnectorContext, GPUConnectorInterface
+from lmcache.abc.memory import MemoryFormat
+from lmcache.builtin.connectors._checks import (
+    check_memory_tensor,
+    check_range,
+    kv_layers,
+    memory_tensor,
+    require,
+)
+from lmcache.builtin.connectors._cpu_moves import STREAM_MIN_BYTES
+from lmcache.ops import cpu_ops
+from lmcache.plugin.options import PluginOptions
+
+if TYPE_CHECKING:
+    from lmcache.abc.memory import MemoryObj
+    from lmcache.kernel.config import LMCacheEngineConfig
+    from lmcache.kernel.metadata import LMCacheEngineMetadata
+
+__all__ = ["VLLMCPUBlockConnector"]
+
+
+class VLLMCPUBlockConnector(GPUConnectorInterface):
+    """vLLM's CPU attention layout, moved as whole blocks (opaque pages).
+
+    vLLM's CPU backend keeps one tensor per layer of shape
+    ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``; inside each
+    ``(block, head)`` page the keys are stored transposed (``[head_size, block_size]``)
+    and followed by the values (``[block_size, head_size]``). A single token's KV is
+    therefore not a row of the tensor, and this connector never tries to cut one out:
+    it copies whole blocks, bit for bit, and a chunk must start on a block boundary
+    (``chunk_size`` a multiple of ``block_size``).
+
+    Keyword arguments of `from_gpu` and `to_gpu`:
+
+    ``kvcaches``
+        ``num_layers`` tensors ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``
+        sharing one shape, dtype and device (CPU).
+    ``slot_mapping``
+        A 1-D integer tensor with one slot per token of the whole sequence,
+        ``slot = block_id * block_size + offset``. The connector reads the slot of the
+        first token of each block in ``[start, end)``. A block whose first slot is
+        ``-1`` is one the serving engine already holds (its prefix cache): `to_gpu`
+        leaves it alone, `from_gpu` refuses it.
+
+    Memory objects are KV_BLOB tensors of shape
+    ``[num_layers, ceil((end - start) / block_size), num_kv_heads, block_size,
+    2 * head_size]``: the pages of the chunk's blocks in order. A chunk that ends inside
+    a block (the last chunk of a prompt) carries the whole last block; the positions
+    past ``end`` are whatever the serving engine had there and are overwritten by the
+    serving engine when it computes those tokens.
+    """
+
+    class Options(PluginOptions):
+        block_size: int = Field(
+            default=128, ge=1,
+            description="Tokens per block of the serving engine's KV cache (vLLM's CPU "
+            "backend uses 128). chunk_size must be a multiple of it.",
+        )
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_size: int,
+                 block_size: int = 128) -> None:
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                            ("head_size", head_size), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.block_size = block_size
+
+    @classmethod
+    def from_options(cls, options: VLLMCPUBlockConnector.Options,
+                     config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata,
+                     context: ConnectorContext | None = None) -> VLLMCPUBlockConnector:
+        if config.chunk_size % options.block_size:
+            raise ValueError(f"chunk_size {config.chunk_size} is not a multiple of the "
+                             f"block size {options.block_size}; expected a chunk of whole "
+                             "blocks for vllm_cpu_blocks")
+        num_layers, _, _, num_kv_heads, head_size = metadata.kv_shape
+        return cls(num_layers, num_kv_heads, head_size, options.block_size)
+
+    def page_shape(self) -> tuple[int, int, int]:
+        return (self.num_kv_heads, self.block_size, 2 * self.head_size)
+
+    def get_shape(self, num_tokens: int) -> torch.Size:
+        blocks = -(-num_tokens // self.block_size)
+        return torch.Size((self.num_layers, blocks, *self.page_shape()))
+
+    def _prepare(self, memory_obj: MemoryObj, start: int, end: int, kwargs: dict[str, Any],
+                 *, filling: bool) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        kvcaches = kv_layers(require(kwargs, "kvcaches", f"{self.num_layers} tensors "
+                                    "[num_blocks, num_kv_heads, block_size, 2*head_size]"),
+                           self.num_layers)
+        slot_mapping = require(kwargs, "slot_mapping", "a 1-D integer tensor of slots, one "
+                                "per token of the sequence")
+        first = kvcaches[0]
+        expected = f"[num_blocks, {', '.join(map(str, self.page_shape()))}]"
+        for i, layer in enumerate(kvcaches):
+            if not isinstance(layer, torch.Tensor) or layer.dim() != 4 \
+                    or tuple(layer.shape[1:]) != self.page_shape():
+                shape = tuple(layer.shape) if isinstance(layer, torch.Tensor) else \
+                    type(layer).__name__
+                raise ValueError(f"kvcaches[{i}] is {shape}; expected a tensor {expected} "
+                                 "(vLLM's CPU layout)")
+            if layer.shape != first.shape or layer.dtype != first.dtype \
+                    or layer.device != first.device:
+                raise ValueError(f"kvcaches[{i}] is {tuple(layer.shape)} {layer.dtype} on "
+                                 f"{layer.device}; expected the same as kvcaches[0]: "
+                                 f"{tuple(first.shape)} {first.dtype} on {first.device}")
+            if not layer.is_contiguous():
+                raise ValueError(f"kvcaches[{i}] is not contiguous; expected contiguous "
+                                 "pages")
+        if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1 \
+                or slot_mapping.dtype.is_floating_point or slot_mapping.dtype == torch.bool:
+            raise ValueError("slot_mapping must be a 1-D integer tensor, got "
+                             f"{getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)}")
+        check_range(start, end, int(slot_mapping.shape[0]), "slot_mapping length")
+        if start % self.block_size:
+            raise ValueError(f"start={start} is not on a block boundary; expected a multiple "
+                             f"of block_size={self.block_size}")
+        tensor = memory_tensor(memory_obj)
+        check_memory_tensor(memory_obj, tensor, self.get_shape(end - start), first.dtype,
+                             filling=filling)
+        slots = slot_mapping[start:end:self.block_size].to("cpu", torch.int64)
+        num_blocks = int(first.shape[0])
+        valid = slots >= 0
+        if bool((slots[valid] % self.block_size).any()):
+            raise ValueError("slot_mapping is not block aligned: the first token of a block "
+                             "must have a slot that is a multiple of block_size")
+        blocks = torch.where(valid, slots // self.block_size, -1)
+        if bool((blocks >= num_blocks).any()):
+            raise ValueError(f"slot_mapping addresses block {int(blocks.max())}; the cache "
+                             f"has {num_blocks} blocks")
+        if filling and not bool(valid.all()):
+            raise ValueError("slot_mapping has -1 in the range to store; expected the slots "
+                             "of tokens the serving engine computed")
+        return list(kvcaches), tensor, blocks
+
+    def from_gpu(self, memory_obj: MemoryObj, start: int, end: int, **kwargs: Any) -> None:
+        """Copy the blocks holding tokens ``[start, end)`` into ``memory_obj``."""
+        caches, dst, blocks = self._prepare(memory_obj, start, end, kwargs, filling=True)
+        rows = [c.view(c.shape[0], -1) for c in caches]
+        parts = [d.view(d.shape[0], -1) for d in dst.unbind(0)]
+        ops = cpu_ops() if caches[0].device.type == "cpu" else None
+        if ops is not None:
+            ops.gather_rows(rows, parts, blocks.contiguous(),
+                            dst.numel() * dst.element_size() >= STREAM_MIN_BYTES)
+        else:
+            index = blocks.to(caches[0].device)
+            for cache, part in zip(rows, parts):
+                torch.index_select(cache, 0, index, out=part)
+        memory_obj.metadata.fmt = MemoryFormat.KV_BLOB
+
+    def to_gpu(self, memory_obj: MemoryObj, start: int, end: int, **kwargs: Any) -> None:
+        """Copy ``memory_obj``'s pages into the blocks of tokens ``[start, end)``; blocks
+        whose first slot is ``-1`` are skipped."""
+        caches, src, blocks = self._prepare(memory_obj, start, end, kwargs, filling=False)
+        rows = [c.view(c.shape[0], -1) for c in caches]
+        parts = [s.view(s.shape[0], -1) for s in src.unbind(0)]
+        ops = cpu_ops() if caches[0].device.type == "cpu" else None
+        if ops is not None:
+            ops.scatter_rows(rows, parts, blocks.contiguous(),
+                             src.numel() * src.element_size() >= STREAM_MIN_BYTES)
+            return
+        keep = torch.nonzero(blocks >= 0).squeeze(1)
+        index = blocks.index_select(0, keep).to(caches[0].device)
+        for cache, part in zip(rows, parts):
+            cache.index_copy_(0, index, part.index_select(0, keep.to(part.device)))

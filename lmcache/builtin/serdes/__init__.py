@@ -1,0 +1,1 @@
+"""lmcache's serdes (group ``lmcache.serdes``): ``naive`` (`naive`) and ``zstd`` (`zstd`)."""

@@ -1,0 +1,165 @@
+"""``remote``: the tier of ``remote_url``, its store chosen by the URL's scheme.
+
+* A scheme claimed by a storage backend in the ``lmcache.url_schemes`` entry-point group
+  (``redis://``, ``rediss://``, ``redis+cluster://`` and ``unix://`` by the ``redis`` tier
+  of ``lmcache-redis``; any scheme by a third party's) builds that backend with the
+  same options.
+* ``lm://`` (the seed's LMCache server, which this lmcache does not implement) is an
+  unreachable remote whose every lookup is a miss.
+* Anything else is an fsspec URL (``s3://bucket/prefix``, ``gs://``, ``file:///shared``,
+  ``memory://x``) served by `FsspecTransport`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import Field
+
+from lmcache.abc.remote_transport import RemoteTransport, RemoteUnavailable
+from lmcache.abc.storage_backend import StorageBackendInterface, TierContext
+from lmcache.kits.fsspec_objects import OBJECT_SUFFIX, FsspecObjects
+from lmcache.kits.remote import RemoteBackend, RemoteOptions, redact_url
+from lmcache.plugin.registry import registry
+from lmcache.utils import Buffer
+
+__all__ = ["INSTALL_HINTS", "FsspecTransport", "RemoteStorageBackend", "UnreachableTransport"]
+
+_REDIS_HINT = ("the redis tier: pip install lmcache-redis (from a source checkout: "
+               "pip install -e plugins/lmcache-redis)")
+#: Schemes served by distributions that may not be installed: scheme → what to install.
+#: Only for the error message; which backend serves a scheme is the registry's
+#: ``url_scheme`` table.
+INSTALL_HINTS = {scheme: _REDIS_HINT for scheme in
+                 ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix")}
+
+
+class UnreachableTransport(RemoteTransport):
+    """A store that cannot be reached: every call fails at once, without traffic.
+
+    Used for ``lm://`` URLs: the seed's LMCache server protocol is not part of this
+    lmcache, so such a remote tier is a configured but unreachable store.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.description = redact_url(url)
+        self.reason = reason
+
+    def object_name(self, key_string: str) -> str:
+        return key_string
+
+    def _fail(self) -> Any:
+        raise RemoteUnavailable(self.reason)
+
+    def put(self, name: str, parts: Sequence[Buffer]) -> None:
+        self._fail()
+
+    def get(self, name: str) -> Buffer | None:
+        return self._fail()
+
+    def exists(self, name: str) -> bool:
+        return self._fail()
+
+    def delete(self, name: str) -> bool:
+        return self._fail()
+
+
+class FsspecTransport(RemoteTransport):
+    """Values as objects under an fsspec URL: ``s3://bucket/prefix`` (s3fs), ``gs://``,
+    ``file:///shared/dir``, ``memory://x`` ...
+
+    Each value is one object ``<url>/<namespace>/<key>.kvobj``. On object stores a put is
+    one atomic object upload; on file systems it is written under a temporary name and
+    renamed into place. For ``s3://`` the connect and read timeouts default to the
+    backend's ``timeout_s``, with botocore's standard retries limited to 3 attempts and
+    s3fs's own retry loop to one, unless ``storage_options`` say otherwise
+    (``config_kwargs``; ``retries`` for s3fs's loop).
+    """
+
+    def __init__(self, url: str, namespace: str = "lmcache", timeout_s: float = 10.0,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        import fsspec
+
+        options = dict(storage_options or {})
+        protocol = url.split("://", 1)[0].lower() if "://" in url else "file"
+        s3 = protocol in ("s3", "s3a")
+        retries = options.pop("retries", 1) if s3 else None
+        if s3:
+            config_kwargs = dict(options.get("config_kwargs") or {})
+            config_kwargs.setdefault("connect_timeout", timeout_s)
+            config_kwargs.setdefault("read_timeout", timeout_s)
+            # botocore's standard retries (5xx, throttling, resets), few: bounded time
+            config_kwargs.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
+            options["config_kwargs"] = config_kwargs
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **options)
+        except ImportError as exc:
+            extra = " (pip install 'lmcache[s3]')" if s3 else ""
+            raise ImportError(f"the remote tier {redact_url(url)} needs an fsspec "
+                              f"implementation of {protocol!r}: {exc}{extra}") from exc
+        if retries is not None and hasattr(self.fs, "retries"):
+            self.fs.retries = int(retries)  # s3fs's own retry loop (5 attempts by default)
+        self.root = root.rstrip("/")
+        self.prefix = f"{self.root}/{namespace}" if namespace else self.root
+        self.objects = FsspecObjects(self.fs, self.prefix)
+        self.atomic_put = self.objects.atomic_put
+        self.description = redact_url(url)
+
+    def object_name(self, key_string: str) -> str:
+        return self.objects.path(f"{key_string}{OBJECT_SUFFIX}")
+
+    def put(self, name: str, parts: Sequence[Buffer]) -> None:
+        self.objects.put(name, parts)
+
+    def get(self, name: str) -> Buffer | None:
+        return self.objects.get(name)
+
+    def exists(self, name: str) -> bool:
+        return self.objects.exists(name)
+
+    def delete(self, name: str) -> bool:
+        return self.objects.delete(name)
+
+
+class RemoteStorageBackend(RemoteBackend):
+    """The ``remote`` tier (``remote_url``): the store is chosen by the URL's scheme.
+
+    A scheme that a storage backend claims (``lmcache.url_schemes``) builds that backend
+    with the options given here (``redis://``, ``rediss://``, ``redis+cluster://`` and
+    ``unix://`` the ``redis`` tier of ``lmcache-redis``); ``lm://`` is an unreachable
+    remote (every lookup a miss, logged once); anything else is an fsspec URL served by
+    `FsspecTransport` (``s3://`` needs s3fs: ``pip install 'lmcache[s3]'``).
+    """
+
+    class Options(RemoteOptions):
+        storage_options: dict[str, Any] = Field(
+            default_factory=dict, description="fsspec URLs only: keyword arguments of the "
+            "file system (`endpoint_url`, `key`, `secret`, `client_kwargs`, ...).")
+
+    @classmethod
+    def from_options(cls, options: RemoteStorageBackend.Options, config: Any, metadata: Any,
+                     context: TierContext) -> StorageBackendInterface:
+        url = options.url
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        claimant = registry.backend_for_scheme(scheme) if scheme else None
+        if claimant is not None and registry.load("storage_backend", claimant) is not cls:
+            if options.storage_options:
+                raise ValueError(f"storage_options apply to fsspec URLs only, not to "
+                                 f"{redact_url(url)} (served by the {claimant!r} tier)")
+            given = options.model_dump(exclude_unset=True, exclude={"storage_options"})
+            return registry.create("storage_backend", claimant, given, config, metadata,
+                                   context)
+        if scheme in INSTALL_HINTS:
+            raise ImportError(f"remote_url {redact_url(url)} needs {INSTALL_HINTS[scheme]}, "
+                              "which is not installed")
+        if scheme == "lm":
+            if options.storage_options:
+                raise ValueError("storage_options apply to fsspec URLs only")
+            transport: RemoteTransport = UnreachableTransport(
+                url, "lm:// (the LMCache server protocol) is not implemented by this "
+                "lmcache; use redis://, s3:// or another fsspec URL")
+        else:
+            transport = FsspecTransport(url, options.namespace, options.timeout_s,
+                                        options.storage_options)
+        return cls.from_transport(transport, options, config, metadata, context)

@@ -1,0 +1,1 @@
+"""lmcache's token databases (group ``lmcache.token_databases``): ``chunked``."""

@@ -1,0 +1,272 @@
+"""The cache engine: the serving engine's entry point to store, look up and load KV."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from lmcache.abc.gpu_connector import GPUConnectorInterface
+from lmcache.abc.memory import MemoryAllocatorInterface, MemoryFormat
+from lmcache.abc.token_database import TokenDatabase, supports_cache_salt
+from lmcache.kernel.config import LMCacheEngineConfig
+from lmcache.kernel.metadata import LMCacheEngineMetadata
+from lmcache.kernel.storage_manager import StorageManager
+from lmcache.plugin.manager import hooks
+from lmcache.plugin.registry import registry
+
+logger = logging.getLogger(__name__)
+
+
+class LMCacheEngine:
+    """The main class for the cache engine.
+
+    When storing, it takes the serving engine's KV cache (through the GPU connector),
+    turns each chunk into a memory object in CPU memory and hands it to the storage
+    manager, which keeps it in the CPU tier and writes it to the lower tiers
+    asynchronously. When retrieving, it fetches the chunks from the tiers and puts them
+    back into the serving engine's KV cache through the GPU connector. Prefetching moves
+    chunks from lower tiers into CPU memory ahead of a retrieve; the storage manager
+    makes a retrieve wait for a prefetch of the same chunk rather than load it twice.
+
+    ``tokens`` are a 1-D tensor of token ids. A ``mask`` has the same length and always
+    looks like ``FFFFFTTTTTTT``: ``True`` marks the tokens to store or match, and the
+    number of ``False`` entries must be a multiple of the chunk size.
+    """
+
+    def __init__(
+        self,
+        config: LMCacheEngineConfig,
+        metadata: LMCacheEngineMetadata,
+        memory_allocator: MemoryAllocatorInterface,
+        token_database: TokenDatabase,
+        gpu_connector: GPUConnectorInterface | None,
+        *,
+        storage_manager: StorageManager | None = None,
+        engine_id: str | None = None,
+    ):
+        self.config = config
+        self.metadata = metadata
+        self.memory_allocator = memory_allocator
+        self.token_database = token_database
+        self.gpu_connector = gpu_connector
+        self.engine_id = engine_id or f"lmcache-{id(self):x}"
+        self.storage_manager = storage_manager or StorageManager.from_config(
+            config, metadata, memory_allocator, self.engine_id)
+        self._full_warned = False
+        self._closed = False
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _chunks(self, tokens: torch.Tensor, mask: torch.Tensor | None, cache_salt: str | None):
+        if not isinstance(tokens, torch.Tensor):
+            raise ValueError(f"tokens must be a 1-D torch.Tensor of token ids, got "
+                             f"{type(tokens).__name__}")
+        if cache_salt is not None:
+            if not supports_cache_salt(self.token_database):
+                raise ValueError(f"cache_salt needs a token database that supports salts "
+                                 f"(lmcache.abc.token_database.SupportsCacheSalt); "
+                                 f"{type(self.token_database).__name__} does not")
+            return self.token_database.process_tokens(tokens, mask, cache_salt=cache_salt)
+        return self.token_database.process_tokens(tokens, mask)
+
+    def _connector(self) -> GPUConnectorInterface:
+        if self.gpu_connector is None:
+            raise ValueError("this engine has no GPU connector: pass one to "
+                             "LMCacheEngineBuilder.get_or_create or select gpu_connector in "
+                             "the configuration")
+        return self.gpu_connector
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"engine {self.engine_id!r} is closed")
+
+    # -- the seed's API --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def store(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, **kwargs: Any) -> None:
+        """Store the KV of ``tokens`` (where ``mask`` is True) into the cache.
+
+        ``kwargs`` go to the GPU connector (``kvcaches``, ``slot_mapping``, ...), except
+        ``cache_salt``, a per-request salt that keeps tenants' chunks apart.
+
+        :raises ValueError: if the number of ``False`` entries in the mask is not a
+            multiple of the chunk size, or the connector's arguments are wrong.
+        """
+        self._check_open()
+        connector = self._connector()
+        cache_salt = kwargs.pop("cache_salt", None)
+        manager = self.storage_manager
+        stored: dict[str, list] = defaultdict(lambda: [[], 0, 0])  # tiers done in this call
+        started = time.perf_counter()
+        for start, end, key in self._chunks(tokens, mask, cache_salt):
+            if manager.is_stored_or_storing(key):
+                continue
+            obj = manager.allocate(connector.get_shape(end - start), self.metadata.kv_dtype,
+                                   MemoryFormat.KV_BLOB)
+            if obj is None:
+                if not self._full_warned:
+                    self._full_warned = True
+                    logger.warning("CPU memory for the cache is full of chunks in use; "
+                                   "skipping the rest of this store (logged once)")
+                break
+            try:
+                connector.from_gpu(obj, start, end, **kwargs)
+                for tier in manager.put(key, obj, end - start):
+                    _add(stored[tier], key, end - start, obj.get_size())
+            finally:
+                obj.ref_count_down()
+        duration = time.perf_counter() - started
+        for tier, (keys, num_tokens, num_bytes) in stored.items():
+            hooks().lmcache_chunks_stored(
+                engine_id=self.engine_id, tier=tier, keys=keys, num_tokens=num_tokens,
+                num_bytes=num_bytes, duration_s=duration)
+
+    @torch.no_grad()
+    def retrieve(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        """Load the cached KV of the longest cached prefix of ``tokens`` into the serving
+        engine through the GPU connector.
+
+        :returns: a CPU bool tensor, as long as ``tokens``, True for the tokens loaded.
+        :raises ValueError: if the number of ``False`` entries in the mask is not a
+            multiple of the chunk size, or the connector's arguments are wrong.
+        """
+        self._check_open()
+        connector = self._connector()
+        cache_salt = kwargs.pop("cache_salt", None)
+        started = time.perf_counter()
+        chunks = list(self._chunks(tokens, mask, cache_salt))
+        ret_mask = torch.zeros(int(tokens.shape[0]), dtype=torch.bool)
+        per_tier: dict[str, list] = defaultdict(lambda: [[], 0, 0])
+        first = chunks[0][0] if chunks else None
+        found_all = self.storage_manager.iter_get([key for _, _, key in chunks])
+        try:
+            for (start, end, key), found in zip(chunks, found_all):
+                if found is None:
+                    break
+                obj, tier = found
+                try:
+                    connector.to_gpu(obj, start, end, **kwargs)
+                finally:
+                    obj.ref_count_down()
+                ret_mask[start:end] = True
+                _add(per_tier[tier], key, end - start, obj.get_size())
+        finally:
+            found_all.close()  # releases chunks read ahead and not used
+        duration = time.perf_counter() - started
+        for tier, (keys, num_tokens, num_bytes) in per_tier.items():
+            hooks().lmcache_chunks_retrieved(
+                engine_id=self.engine_id, tier=tier, keys=keys, num_tokens=num_tokens,
+                num_bytes=num_bytes, duration_s=duration)
+        hooks().lmcache_lookup_finished(
+            engine_id=self.engine_id, num_tokens=int(ret_mask.shape[0]) - (first or 0),
+            hit_tokens=int(ret_mask.sum()), duration_s=duration, operation="retrieve")
+        return ret_mask
+
+    def lookup(self, tokens: torch.Tensor, search_range: list[str] | None = None, *,
+               cache_salt: str | None = None) -> int:
+        """How many prefix tokens of ``tokens`` are cached (a contiguous prefix of chunks).
+
+        :param search_range: tier names to search (``local_cpu``, ``local_disk``, ... —
+            the seed's ``Hot`` and ``LocalDiskBackend`` are accepted too); all if None.
+        :param cache_salt: the request's salt, as given to `store`.
+        """
+        self._check_open()
+        started = time.perf_counter()
+        hit = 0
+        chunks = self._chunks(tokens, None, cache_salt)
+        for _, end, key in chunks:
+            if not self.storage_manager.contains(key, search_range):
+                break
+            hit = end
+        hooks().lmcache_lookup_finished(
+            engine_id=self.engine_id, num_tokens=int(tokens.shape[0]), hit_tokens=hit,
+            duration_s=time.perf_counter() - started, operation="lookup")
+        return hit
+
+    def prefetch(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *,
+                 cache_salt: str | None = None) -> None:
+        """Start loading the cached prefix of ``tokens`` into CPU memory."""
+        self._check_open()
+        for _, _, key in self._chunks(tokens, mask, cache_salt):
+            if not self.storage_manager.prefetch(key):
+                break
+
+    def close(self) -> None:
+        """Finish pending writes, close the tiers and release the engine's memory."""
+        if self._closed:
+            return
+        hooks().lmcache_engine_closing(engine_id=self.engine_id, engine=self)
+        self._closed = True
+        self.storage_manager.close()
+
+
+def _add(record: list, key: Any, num_tokens: int, num_bytes: int) -> None:
+    # per-tier tally of one operation: [keys, tokens, bytes], reported in one hook call
+    record[0].append(key)
+    record[1] += num_tokens
+    record[2] += num_bytes
+
+
+class LMCacheEngineBuilder:
+    """Process-wide registry of engines by instance id."""
+
+    _lock = threading.Lock()
+    _instances: dict[str, LMCacheEngine] = {}
+
+    @classmethod
+    def get_or_create(cls, instance_id: str, config: LMCacheEngineConfig,
+                      metadata: LMCacheEngineMetadata,
+                      gpu_connector: GPUConnectorInterface | None) -> LMCacheEngine:
+        """The engine registered as ``instance_id``, built from ``config`` if there is none.
+
+        Components are created by plugin name through the registry: the allocator,
+        the token database, the storage tiers and — when ``gpu_connector`` is None and
+        the configuration selects one — the GPU connector.
+
+        :raises ValueError: if the instance exists with a different configuration or
+            metadata.
+        """
+        with cls._lock:
+            engine = cls._instances.get(instance_id)
+            if engine is not None:
+                if engine.config != config or engine.metadata != metadata:
+                    raise ValueError(
+                        f"LMCache engine {instance_id!r} already exists with a different "
+                        f"{'configuration' if engine.config != config else 'metadata'}")
+                return engine
+            hooks().lmcache_configure(config=config, metadata=metadata)
+            allocator = registry.create("allocator", config.allocator.name,
+                                        config.allocator.options, config, metadata)
+            token_database = registry.create(
+                "token_database", config.token_database.name, config.token_database.options,
+                config, metadata)
+            if gpu_connector is None and config.gpu_connector is not None:
+                gpu_connector = registry.create(
+                    "gpu_connector", config.gpu_connector.name, config.gpu_connector.options,
+                    config, metadata)
+            engine = LMCacheEngine(config, metadata, allocator, token_database, gpu_connector,
+                                   engine_id=instance_id)
+            cls._instances[instance_id] = engine
+        hooks().lmcache_engine_started(engine_id=instance_id, engine=engine, config=config,
+                                       metadata=metadata)
+        return engine
+
+    @classmethod
+    def get(cls, instance_id: str) -> LMCacheEngine | None:
+        """The engine registered as ``instance_id``, or None if not found."""
+        with cls._lock:
+            return cls._instances.get(instance_id)
+
+    @classmethod
+    def destroy(cls, instance_id: str) -> None:
+        """Close the engine registered as ``instance_id`` and forget it."""
+        with cls._lock:
+            engine = cls._instances.pop(instance_id, None)
+        if engine is not None:
+            engine.close()

@@ -1,0 +1,447 @@
+"""The storage manager: tiers in order, write-through puts, promotion, prefetch, faults.
+
+It knows tiers only through the contract (`lmcache.abc.storage_backend`): which tier is
+the hot one, and whether it can free memory, it asks with the `HotTier` protocol, so a
+third party's hot tier gets promotion and eviction-on-allocation like ``local_cpu``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmcache.abc.memory import MemoryAllocatorInterface, MemoryFormat, MemoryObj
+from lmcache.abc.storage_backend import HotTier, StorageBackendInterface, TierContext, TierEvents
+from lmcache.plugin.manager import hooks
+from lmcache.plugin.registry import registry
+from lmcache.utils import CacheEngineKey, LogOnce
+
+if TYPE_CHECKING:
+    from lmcache.kernel.config import LMCacheEngineConfig
+    from lmcache.kernel.metadata import LMCacheEngineMetadata
+
+logger = logging.getLogger(__name__)
+
+#: The seed's name of the hot tier in ``search_range``; a tier may also be named there by
+#: its backend's class name (the seed's ``LocalCPUBackend``, ``LocalDiskBackend``).
+HOT_ALIAS = "Hot"
+#: Longest a retrieve waits for a chunk that a prefetch is already loading.
+PREFETCH_WAIT_S = 30.0
+#: Chunks `StorageManager.iter_get` reads ahead from the tiers below the hot tier.
+READ_AHEAD = 3
+#: Longest an allocation waits for writes to lower tiers to release memory.
+WRITE_BACKPRESSURE_S = 10.0
+
+
+class StorageFault(RuntimeError):
+    """A tier failed an operation and ``error_handling`` is off."""
+
+
+class _ReclaimingAllocator(MemoryAllocatorInterface):
+    """The engine's allocator as the tiers see it: a failed allocation first evicts
+    least recently used chunks from the hot tier, then tries again."""
+
+    def __init__(self, manager: StorageManager):
+        self._manager = manager
+        self._base = manager.allocator
+
+    def allocate(self, shape: Any, dtype: Any, fmt: MemoryFormat = MemoryFormat.KV_BLOB
+                 ) -> MemoryObj | None:
+        return self._manager.allocate(shape, dtype, fmt)
+
+    def free(self, memory_obj: MemoryObj) -> None:
+        self._base.free(memory_obj)
+
+    def get_ref_count(self, memory_obj: MemoryObj) -> int:
+        return self._base.get_ref_count(memory_obj)
+
+
+class _HookEvents(TierEvents):
+    """A tier's reports, forwarded to the hooks with the engine and tier they concern.
+    Faults the tier turned into misses were logged by the tier itself, so they only go
+    to the hooks here. An observer that raises is logged, never re-raised."""
+
+    def __init__(self, engine_id: str, tier: str) -> None:
+        self.engine_id = engine_id
+        self.tier = tier
+
+    def _call(self, hook: str, **kwargs: Any) -> None:
+        try:
+            getattr(hooks(), hook)(engine_id=self.engine_id, tier=self.tier, **kwargs)
+        except Exception:
+            logger.exception("a %s observer raised (tier %r)", hook, self.tier)
+
+    def evicted(self, keys: Sequence[CacheEngineKey], num_bytes: int) -> None:
+        self._call("lmcache_chunks_evicted", keys=list(keys), num_bytes=num_bytes)
+
+    def error(self, operation: str, exc: BaseException) -> None:
+        self._call("lmcache_storage_error", operation=operation, error=exc)
+
+    def dropped(self, keys: Sequence[CacheEngineKey], num_bytes: int, reason: str) -> None:
+        self._call("lmcache_puts_dropped", keys=list(keys), num_bytes=num_bytes,
+                   reason=reason)
+
+    def availability(self, available: bool, exc: BaseException | None) -> None:
+        self._call("lmcache_tier_availability_changed", available=available, error=exc)
+
+
+class StorageManager:
+    """Owns the tiers of one engine and applies the storage semantics across them.
+
+    - Tiers are searched in configuration order; a put goes to every tier
+      (write-through), asynchronously for every tier below the CPU.
+    - A hit below the hot tier (the first `HotTier`, normally ``local_cpu``) is promoted
+      into it; when the allocator is full, the hot tier is asked to evict first.
+    - A fault in a tier (an exception from a backend) is reported to the
+      ``lmcache_storage_error`` hook; with ``error_handling`` it is logged once per tier
+      and operation and becomes a miss, without it the exception propagates.
+    """
+
+    def __init__(self, allocator: MemoryAllocatorInterface, error_handling: bool = False,
+                 engine_id: str = "lmcache"):
+        self.allocator = allocator
+        self.error_handling = error_handling
+        self.engine_id = engine_id
+        self.tiers: dict[str, StorageBackendInterface] = {}
+        self.hot_tier_name: str | None = None
+        self.reclaiming_allocator = _ReclaimingAllocator(self)
+        self._log_fault = LogOnce(logger)
+        self._lock = threading.Lock()
+        self._prefetching: dict[CacheEngineKey, Future] = {}
+        self._pending_puts: dict[Future, None] = {}  # insertion order: oldest first
+
+    @classmethod
+    def from_config(cls, config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata,
+                    allocator: MemoryAllocatorInterface, engine_id: str) -> StorageManager:
+        manager = cls(allocator, config.error_handling, engine_id)
+        for spec in config.storage_backend_specs():
+            try:
+                backend = registry.create(
+                    "storage_backend", spec.name, spec.options, config, metadata,
+                    manager.tier_context(spec.name))
+            except OSError as exc:  # a path that cannot be a cache directory, ...
+                manager.close()
+                options = ", ".join(f"{k}={v!r}" for k, v in spec.options.items())
+                raise ValueError(
+                    f"cannot start storage tier {spec.name!r} ({options}): "
+                    f"{type(exc).__name__}: {exc}; expected a location this process can "
+                    f"create and write") from exc
+            except BaseException:  # a missing plugin or module: release the tiers so far
+                manager.close()
+                raise
+            manager.add_tier(spec.name, backend)
+        return manager
+
+    def tier_context(self, name: str) -> TierContext:
+        """What the tier ``name`` of this engine is built with."""
+        return TierContext(tier_name=name, memory_allocator=self.reclaiming_allocator,
+                           events=_HookEvents(self.engine_id, name), engine_id=self.engine_id)
+
+    def add_tier(self, name: str, backend: StorageBackendInterface) -> None:
+        if name in self.tiers:
+            raise ValueError(f"tier {name!r} is already configured")
+        self.tiers[name] = backend
+        if self.hot_tier_name is None and isinstance(backend, HotTier):
+            self.hot_tier_name = name
+
+    @property
+    def hot_tier(self) -> StorageBackendInterface | None:
+        """The tier hits are promoted into (the first `HotTier`), or None."""
+        return None if self.hot_tier_name is None else self.tiers[self.hot_tier_name]
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def _report(self, tier: str, operation: str, exc: BaseException) -> None:
+        """Tell the hooks about a fault and log the first of its kind."""
+        hooks().lmcache_storage_error(engine_id=self.engine_id, tier=tier,
+                                      operation=operation, error=exc)
+        self._log_fault((tier, operation), "tier %r failed to %s (%s: %s)", tier, operation,
+                        type(exc).__name__, exc)
+
+    def _fault(self, tier: str, operation: str, exc: BaseException) -> None:
+        """A fault on the caller's thread: a miss with ``error_handling``, else raised."""
+        if not self.error_handling:
+            hooks().lmcache_storage_error(engine_id=self.engine_id, tier=tier,
+                                          operation=operation, error=exc)
+            raise StorageFault(f"tier {tier!r} failed to {operation}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        self._report(tier, operation, exc)
+
+    def _tiers_in(self, search_range: Sequence[str] | None) -> list[tuple[str, Any]]:
+        if search_range is None:
+            return list(self.tiers.items())
+        aliases = {type(t).__name__: n for n, t in self.tiers.items()}
+        if self.hot_tier_name is not None:
+            aliases[HOT_ALIAS] = self.hot_tier_name
+        wanted = {n if n in self.tiers else aliases.get(n, n) for n in search_range}
+        unknown = wanted - set(self.tiers)
+        if unknown:
+            raise ValueError(f"search_range names unknown tiers {sorted(unknown)}; "
+                             f"configured tiers: {list(self.tiers)}")
+        return [(n, t) for n, t in self.tiers.items() if n in wanted]
+
+    # -- memory --------------------------------------------------------------------------------
+
+    def allocate(self, shape: Any, dtype: torch.dtype | None,
+                 fmt: MemoryFormat = MemoryFormat.KV_BLOB) -> MemoryObj | None:
+        """Allocate, evicting least recently used hot-tier chunks if memory is full."""
+        obj = self.allocator.allocate(shape, dtype, fmt)
+        hot = self.hot_tier
+        itemsize = dtype.itemsize if dtype is not None else 1
+        nbytes = int(torch.Size(shape).numel()) * itemsize
+        deadline = time.monotonic() + WRITE_BACKPRESSURE_S
+        while obj is None:
+            if hot is not None and hot.evict_for(nbytes):  # type: ignore[attr-defined]
+                pass
+            elif not self._wait_for_one_put(deadline - time.monotonic()):
+                return None  # everything is in use or pinned
+            obj = self.allocator.allocate(shape, dtype, fmt)
+        return obj
+
+    def _wait_for_one_put(self, timeout: float) -> bool:
+        # Memory held by writes to lower tiers comes back when they finish: wait for the
+        # oldest one rather than dropping the chunk (backpressure from slow tiers).
+        with self._lock:
+            pending = next(iter(self._pending_puts), None)
+        if pending is None or timeout <= 0:
+            return False
+        try:
+            pending.result(timeout=timeout)
+        except FutureTimeout:
+            return False
+        except Exception:
+            pass
+        return True
+
+    # -- operations --------------------------------------------------------------------------
+
+    def contains(self, key: CacheEngineKey, search_range: Sequence[str] | None = None) -> bool:
+        for name, tier in self._tiers_in(search_range):
+            try:
+                if tier.contains(key):
+                    return True
+            except Exception as exc:
+                self._fault(name, "contains", exc)
+        return False
+
+    def is_stored_or_storing(self, key: CacheEngineKey) -> bool:
+        for name, tier in self.tiers.items():
+            try:
+                if tier.contains(key) or tier.exists_in_put_tasks(key):
+                    return True
+            except Exception as exc:
+                self._fault(name, "contains", exc)
+        return False
+
+    def put(self, key: CacheEngineKey, memory_obj: MemoryObj, num_tokens: int) -> list[str]:
+        """Write ``memory_obj`` to every tier; the caller keeps its own reference.
+
+        Returns the tiers that stored it before returning (the caller reports those in
+        one ``lmcache_chunks_stored`` call per operation); writes still in flight report
+        themselves when they finish.
+        """
+        done_now = []
+        for name, tier in self.tiers.items():
+            started = time.perf_counter()
+            try:
+                future = tier.submit_put_task(key, memory_obj)
+            except Exception as exc:
+                self._fault(name, "put", exc)
+                continue
+            if future is None:
+                continue
+            if future.done() and future.exception() is None:
+                done_now.append(name)
+                continue
+            with self._lock:
+                self._pending_puts[future] = None
+            future.add_done_callback(self._put_done(name, key, num_tokens,
+                                                    memory_obj.get_size(), started))
+        return done_now
+
+    def _put_done(self, tier: str, key: CacheEngineKey, num_tokens: int, num_bytes: int,
+                  started: float) -> Callable[[Future], None]:
+        def done(future: Future) -> None:
+            with self._lock:
+                self._pending_puts.pop(future, None)
+            exc = future.exception()
+            if exc is not None:
+                self._report(tier, "put", exc)  # no caller left to raise to
+                return
+            hooks().lmcache_chunks_stored(
+                engine_id=self.engine_id, tier=tier, keys=[key], num_tokens=num_tokens,
+                num_bytes=num_bytes, duration_s=time.perf_counter() - started)
+        return done
+
+    def get(self, key: CacheEngineKey, search_range: Sequence[str] | None = None
+            ) -> tuple[MemoryObj, str] | None:
+        """The chunk and the tier it came from, or None. The caller owns one reference."""
+        pending = self._prefetching.get(key)
+        if pending is not None:
+            try:
+                pending.result(timeout=PREFETCH_WAIT_S)
+            except Exception:  # a failed or slow prefetch is just not there
+                pass
+        for name, tier in self._tiers_in(search_range):
+            try:
+                if not tier.contains(key):
+                    continue
+                obj = tier.get_blocking(key)
+            except Exception as exc:
+                self._fault(name, "get", exc)
+                continue
+            if obj is None:
+                continue
+            if name != self.hot_tier_name and self.hot_tier is not None:
+                self._promote(key, obj)
+            return obj, name
+        return None
+
+    def iter_get(self, keys: Sequence[CacheEngineKey],
+                 search_range: Sequence[str] | None = None,
+                 read_ahead: int = READ_AHEAD) -> Iterator[tuple[MemoryObj, str] | None]:
+        """`get` for a run of keys, reading up to ``read_ahead`` chunks ahead from the
+        tiers below the hot tier, so that loading chunk i+1 overlaps the caller's work on
+        chunk i. Yields what `get` returns, in order. Close the iterator (or let it end)
+        when stopping early: chunks read ahead and not taken are released then.
+        """
+        tiers = self._tiers_in(search_range)
+        pending: deque[tuple[CacheEngineKey, Future | None, str]] = deque()
+        upcoming = iter(keys)
+
+        def launch() -> None:
+            key = next(upcoming, None)
+            if key is None:
+                return
+            future, source = None, ""
+            hot = self.hot_tier
+            if not (hot is not None and hot.contains(key)) and key not in self._prefetching:
+                for name, tier in tiers:
+                    if name == self.hot_tier_name:
+                        continue
+                    try:
+                        if tier.contains(key):
+                            future, source = tier.submit_prefetch_task(key), name
+                            break
+                    except Exception as exc:
+                        self._fault(name, "get", exc)
+            pending.append((key, future, source))
+
+        try:
+            for _ in range(max(1, read_ahead)):
+                launch()
+            while pending:
+                key, future, source = pending.popleft()
+                launch()
+                obj = None
+                if future is not None:
+                    try:
+                        obj = future.result()
+                    except Exception as exc:
+                        self._fault(source, "get", exc)
+                if obj is None:
+                    yield self.get(key, search_range)
+                    continue
+                if self.hot_tier is not None:
+                    self._promote(key, obj)
+                yield obj, source
+        finally:
+            for _, future, _ in pending:  # read ahead, never taken
+                if future is None:
+                    continue
+                try:
+                    obj = future.result()
+                except Exception:
+                    continue
+                if obj is not None:
+                    obj.ref_count_down()
+
+    def _promote(self, key: CacheEngineKey, obj: MemoryObj) -> None:
+        try:
+            self.hot_tier.submit_put_task(key, obj)  # type: ignore[union-attr]
+        except Exception as exc:
+            self._fault(self.hot_tier_name or "", "put", exc)
+
+    def prefetch(self, key: CacheEngineKey) -> bool:
+        """Start moving ``key`` into the hot tier; returns whether it is stored anywhere."""
+        hot = self.hot_tier
+        if hot is not None and hot.contains(key):
+            return True
+        if key in self._prefetching:
+            return True
+        for name, tier in self.tiers.items():
+            if name == self.hot_tier_name:
+                continue
+            try:
+                if not tier.contains(key):
+                    continue
+                future = tier.submit_prefetch_task(key)
+            except Exception as exc:
+                self._fault(name, "get", exc)
+                continue
+            if future is None:
+                continue
+            with self._lock:
+                self._prefetching[key] = future
+            future.add_done_callback(self._prefetched(key, name))
+            return True
+        return False
+
+    def _prefetched(self, key: CacheEngineKey, tier: str) -> Callable[[Future], None]:
+        def done(future: Future) -> None:
+            try:
+                exc = future.exception()
+                obj = None if exc is not None else future.result()
+                if exc is not None:
+                    self._report(tier, "get", exc)
+                if obj is not None:
+                    if self.hot_tier is not None:
+                        self._promote(key, obj)
+                    obj.ref_count_down()
+            finally:
+                with self._lock:
+                    self._prefetching.pop(key, None)
+        return done
+
+    def remove(self, key: CacheEngineKey) -> bool:
+        found = False
+        for name, tier in self.tiers.items():
+            try:
+                found = tier.remove(key) or found
+            except Exception as exc:
+                self._fault(name, "remove", exc)
+        return found
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every put submitted so far is written (or failed)."""
+        with self._lock:
+            pending = list(self._pending_puts)
+        for future in pending:
+            try:
+                future.result(timeout=timeout)
+            except Exception:
+                pass  # reported by the done callback
+
+    def wait_for_prefetches(self, timeout: float | None = None) -> None:
+        for future in list(self._prefetching.values()):
+            try:
+                future.result(timeout=timeout)
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        """Finish pending prefetches and writes, then close every tier, lowest first."""
+        self.wait_for_prefetches(PREFETCH_WAIT_S)
+        for name, tier in reversed(list(self.tiers.items())):
+            try:
+                tier.close()
+            except Exception as exc:  # closing must release the rest regardless
+                logger.error("closing tier %r failed: %s", name, exc)

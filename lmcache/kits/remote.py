@@ -1,0 +1,529 @@
+"""The remote kit: one `RemoteBackend` for every store reached over a network.
+
+A remote tier is a `RemoteBackend` over a `RemoteTransport`. The transport is the small,
+store-specific part — put, get, exists and delete of bytes by name — and the backend
+does the hard parts once, for every store:
+
+Values
+    A chunk is stored as the bytes its `Serde` makes (``remote_serde``): the
+    self-describing object of `object_format` (header with checksum, then the payload,
+    compressed or not). A value that is missing, corrupt, partial or foreign decodes to
+    ``None`` and is a miss; the backend then ignores that key for a while
+    (`BAD_KEY_TTL_S`) instead of fetching it again on every lookup. Bad values are not
+    deleted: in a shared store they may be another program's.
+Names
+    The chunk key's string form (`CacheEngineKey.to_string`) under a namespace: the
+    transport decides the spelling (``lmcache:<key>`` in Redis,
+    ``<url>/lmcache/<key>.kvobj`` in an object store).
+Asynchronous puts
+    `RemoteBackend.submit_put_task` returns at once; writer threads serialize and send.
+    At most ``max_pending_puts`` writes wait at a time; beyond that, and while the store
+    is unavailable, puts are *dropped*: counted in `RemoteBackend.stats`, logged once,
+    never an exception to the caller; each drop goes to the ``lmcache_puts_dropped``
+    hook. A write that fails carries its exception in its future, which the storage
+    manager reports to the ``lmcache_storage_error`` hook.
+Bounded waits
+    Every remote call that a caller waits for (`contains`, `get_blocking`,
+    `remove`) runs on the backend's own threads and is abandoned after ``timeout_s``
+    (a late result is released when it arrives). Transports also set their own socket
+    timeouts to ``timeout_s``, so prefetches and writes end in bounded time too.
+Outages
+    A failed or timed-out call marks the store *unavailable* for a back-off interval
+    (``retry_interval_s``, doubling on every consecutive failure up to
+    ``max_retry_interval_s``): meanwhile lookups and gets are misses at once and puts
+    are dropped, so a dead store does not cost a timeout per chunk. The first call after
+    the interval probes the store; when it succeeds the tier is back, with fresh
+    connections (the transport reconnects by itself). The keys known to be stored are
+    forgotten at every outage, since the store may have restarted empty. A failed
+    lookup, read or delete goes to the ``lmcache_storage_error`` hook, and the start
+    and end of an outage to ``lmcache_tier_availability_changed``.
+Lookups
+    `contains` asks the store (one bounded round trip) unless the key is in a bounded
+    local set of keys known to be stored (written or found by this process). A key that
+    a store evicted on its own may stay in that set: a lookup then over-counts and the
+    retrieve that follows loads what is really there (see ``retrieve``'s mask).
+
+A store-specific remote tier is a `RemoteTransport` (`lmcache.abc.remote_transport`)
+and a ``from_options`` that builds it; `RemoteBackend.from_transport` does the rest::
+
+    class AcmeBackend(RemoteBackend):
+        class Options(RemoteOptions):
+            region: str = "eu"
+
+        @classmethod
+        def from_options(cls, options, config, metadata, context):
+            transport = AcmeTransport(options.url, options.region, options.timeout_s)
+            return cls.from_transport(transport, options, config, metadata, context)
+
+A distribution that serves a URL scheme in ``remote_url`` claims it in the
+``lmcache.url_schemes`` entry-point group (see `lmcache.plugin.registry`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field
+
+from lmcache.abc.remote_transport import RemoteTransport, RemoteUnavailable
+from lmcache.abc.storage_backend import StorageBackendInterface, TierContext
+from lmcache.plugin.options import PluginOptions
+from lmcache.plugin.registry import registry
+from lmcache.utils import CacheEngineKey, LogOnce, call_observer
+
+if TYPE_CHECKING:
+    from lmcache.abc.memory import MemoryAllocatorInterface, MemoryObj
+    from lmcache.abc.serde import Serde
+
+__all__ = [
+    "BAD_KEY_TTL_S",
+    "RemoteBackend",
+    "RemoteOptions",
+    "RemoteStats",
+    "redact_url",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How long a key whose value could not be decoded is treated as absent.
+BAD_KEY_TTL_S = 60.0
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for log messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+
+# ---------------------------------------------------------------------------------------
+# The backend: threads, bounds, outages, serde
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RemoteStats:
+    """Counters of one remote tier (read them with `RemoteBackend.stats`)."""
+
+    puts: int = 0  #: values written
+    dropped_puts: int = 0  #: puts not written: store unavailable, queue full or failed
+    hits: int = 0  #: gets that returned a chunk
+    misses: int = 0  #: gets of names the store does not hold
+    bad_values: int = 0  #: values that could not be decoded (corrupt, partial, foreign)
+    failures: int = 0  #: calls that failed or timed out
+    timeouts: int = 0  #: calls abandoned after ``timeout_s``
+    outages: int = 0  #: times the store became unavailable
+
+
+class RemoteOptions(PluginOptions):
+    """Options every remote tier understands (the ``remote`` tier and ``redis``)."""
+
+    url: str = Field(description="URL of the store: `redis://[user:password@]host:port/db`, "
+                     "`rediss://...` (TLS), `redis+cluster://host:port[,host:port...]`, "
+                     "`s3://bucket/prefix` or any fsspec URL, or `lm://host:port` "
+                     "(unreachable: every lookup is a miss).")
+    serde: str = Field(default="naive", description="Serde of the values "
+                       "(`lmcache.serdes`): `naive` or `zstd`.")
+    serde_options: dict[str, Any] = Field(default_factory=dict,
+                                          description="Options of the serde.")
+    timeout_s: float = Field(default=10.0, gt=0, description="Longest wait for one remote "
+                             "call; a slower store is a miss (lookups, gets) or a dropped "
+                             "put. The flat field `blocking_timeout_secs`.")
+    retry_interval_s: float = Field(default=1.0, ge=0, description="After a failure the "
+                                    "store is left alone this long (doubling on every "
+                                    "consecutive failure) before it is tried again.")
+    max_retry_interval_s: float = Field(default=30.0, ge=0, description="Upper bound of the "
+                                        "back-off between tries of an unavailable store.")
+    namespace: str = Field(default="lmcache", pattern=r"^[A-Za-z0-9_.-]{0,64}$",
+                           description="Prefix of every name in the store; engines that "
+                           "share a namespace (and a model) share chunks.")
+    num_workers: int = Field(default=4, ge=1, description="Threads for writes, and as many "
+                             "for lookups and reads.")
+    max_pending_puts: int = Field(default=64, ge=1, description="Writes that may wait at "
+                                  "once; further puts are dropped (counted) until they "
+                                  "drain, so a slow store never holds much memory.")
+    known_keys: int = Field(default=65536, ge=0, description="Keys known to be stored that "
+                            "are remembered locally, so a lookup needs no round trip.")
+
+
+class RemoteBackend(StorageBackendInterface):
+    """A storage tier in a remote store, over a `RemoteTransport` and a `Serde`.
+
+    See the module documentation for the behaviour; in short: asynchronous puts, every
+    wait bounded by ``timeout_s``, an unavailable store is a miss (and puts are dropped)
+    without exceptions, back-off and automatic reconnection, self-describing values.
+
+    Subclasses for one kind of store build a transport and call this constructor; a
+    store that needs nothing else can use this class directly.
+    """
+
+    def __init__(
+        self,
+        transport: RemoteTransport,
+        serde: Serde,
+        memory_allocator: MemoryAllocatorInterface,
+        *,
+        timeout_s: float = 10.0,
+        retry_interval_s: float = 1.0,
+        max_retry_interval_s: float = 30.0,
+        num_workers: int = 4,
+        max_pending_puts: int = 64,
+        known_keys: int = 65536,
+        tier_name: str = "remote",
+        on_error: Callable[[str, BaseException], None] | None = None,
+        on_dropped: Callable[[list[CacheEngineKey], int, str], None] | None = None,
+        on_availability: Callable[[bool, BaseException | None], None] | None = None,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if num_workers < 1 or max_pending_puts < 1 or known_keys < 0:
+            raise ValueError("num_workers and max_pending_puts must be >= 1 and known_keys "
+                             f">= 0, got {num_workers}, {max_pending_puts}, {known_keys}")
+        self.transport = transport
+        self.serde = serde
+        self.memory_allocator = memory_allocator
+        self.timeout_s = float(timeout_s)
+        self.retry_interval_s = float(retry_interval_s)
+        self.max_retry_interval_s = max(float(max_retry_interval_s), self.retry_interval_s)
+        self.max_pending_puts = max_pending_puts
+        self.tier_name = tier_name
+        self.on_error = on_error
+        self.on_dropped = on_dropped
+        self.on_availability = on_availability
+
+        self._lock = threading.Lock()
+        self._stats = RemoteStats()
+        self._put_tasks: dict[CacheEngineKey, MemoryObj] = {}
+        self._known: OrderedDict[CacheEngineKey, None] = OrderedDict()
+        self._known_max = known_keys
+        self._bad: dict[CacheEngineKey, float] = {}  # key -> monotonic time it expires
+        self._down_until = 0.0
+        self._backoff = self.retry_interval_s
+        self._consecutive_failures = 0
+        self._log_once = LogOnce(logger, f"{tier_name} ({transport.description}): ")
+        self._closed = False
+        self._writers = ThreadPoolExecutor(num_workers, thread_name_prefix=f"{tier_name}-w")
+        self._io = ThreadPoolExecutor(num_workers, thread_name_prefix=f"{tier_name}-io")
+
+    @classmethod
+    def from_transport(cls, transport: RemoteTransport, options: RemoteOptions, config: Any,
+                       metadata: Any, context: TierContext) -> Any:
+        """The tier over ``transport`` with the common ``options``: the serde they name
+        (from the registry), the allocator and observers of ``context``. What a
+        store-specific ``from_options`` calls once it has built its transport."""
+        serde = registry.create("serde", options.serde, options.serde_options, config,
+                                metadata)
+        events = context.events
+        return cls(transport, serde, context.allocator_for(cls),
+                   timeout_s=options.timeout_s, retry_interval_s=options.retry_interval_s,
+                   max_retry_interval_s=options.max_retry_interval_s,
+                   num_workers=options.num_workers, max_pending_puts=options.max_pending_puts,
+                   known_keys=options.known_keys, tier_name=context.tier_name or "remote",
+                   on_error=events.error, on_dropped=events.dropped,
+                   on_availability=events.availability)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.tier_name!r}, {self.transport.description!r})"
+
+    @property
+    def stats(self) -> RemoteStats:
+        """A snapshot of the tier's counters."""
+        with self._lock:
+            return RemoteStats(**{f.name: getattr(self._stats, f.name)
+                                  for f in fields(RemoteStats)})
+
+    @property
+    def available(self) -> bool:
+        """Whether the store is tried now (False during the back-off after a failure)."""
+        return time.monotonic() >= self._down_until
+
+    # -- outages -------------------------------------------------------------------------
+
+    def _count(self, counter: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self._stats, counter, getattr(self._stats, counter) + n)
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        """A call failed or timed out: the store is unavailable for a back-off interval."""
+        now = time.monotonic()
+        with self._lock:
+            self._stats.failures += 1
+            if _is_timeout(exc):
+                self._stats.timeouts += 1
+            new_outage = now >= self._down_until
+            if new_outage:
+                self._stats.outages += 1
+                self._down_until = now + self._backoff
+                self._backoff = min(self._backoff * 2, self.max_retry_interval_s)
+                self._known.clear()  # the store may come back empty
+            went_down = self._consecutive_failures == 0  # not one per back-off interval
+            self._consecutive_failures += 1
+        if operation != "put":  # a failed write is reported through its future
+            call_observer(logger, self.on_error, _HOOK_OPERATIONS.get(operation, operation),
+                          exc)
+        if went_down:
+            call_observer(logger, self.on_availability, False, exc)
+            self._log_once("outage", "%s failed (%s: %s); lookups are misses and puts are "
+                           "dropped until it answers again", operation,
+                           type(exc).__name__, exc)
+            try:
+                self.transport.reset()
+            except Exception as reset_exc:
+                logger.debug("%s: reset after a failure failed: %s", self.tier_name,
+                             reset_exc)
+
+    def _succeeded(self) -> None:
+        if not self._consecutive_failures:
+            return
+        with self._lock:
+            was_down = self._consecutive_failures > 0
+            self._consecutive_failures = 0
+            self._backoff = self.retry_interval_s
+            self._down_until = 0.0
+        if was_down:
+            call_observer(logger, self.on_availability, True, None)
+            logger.info("%s (%s): the store answers again", self.tier_name,
+                        self.transport.description)
+
+    def _call(self, operation: str, fn: Callable[..., T], *args: Any,
+              release_late: bool = False) -> T:
+        """``fn(*args)`` on an I/O thread, waited for at most ``timeout_s``.
+
+        Raises `RemoteUnavailable` when the store is unavailable, the call failed or it
+        timed out (then the store is marked unavailable). A result that arrives after the
+        deadline is released if ``release_late`` (a memory object).
+        """
+        if not self.available:
+            raise RemoteUnavailable("in back-off after a failure")
+        try:
+            future = self._io.submit(fn, *args)
+        except RuntimeError:  # closed
+            raise RemoteUnavailable("the tier is closed") from None
+        try:
+            result = future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            if release_late:
+                future.add_done_callback(_release_result)
+            exc = TimeoutError(f"no answer within {self.timeout_s:g} s")
+            self._failed(operation, exc)
+            raise RemoteUnavailable(str(exc)) from None
+        except Exception as exc:
+            self._failed(operation, exc)
+            raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return result
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def _name(self, key: CacheEngineKey) -> str:
+        return self.transport.object_name(key.to_string())
+
+    def _remember(self, key: CacheEngineKey) -> None:
+        if not self._known_max:
+            return
+        with self._lock:
+            self._known[key] = None
+            self._known.move_to_end(key)
+            while len(self._known) > self._known_max:
+                self._known.popitem(last=False)
+            self._bad.pop(key, None)
+
+    def _forget(self, key: CacheEngineKey) -> None:
+        with self._lock:
+            self._known.pop(key, None)
+
+    def _is_bad(self, key: CacheEngineKey) -> bool:
+        with self._lock:
+            expires = self._bad.get(key)
+            if expires is None:
+                return False
+            if time.monotonic() < expires:
+                return True
+            del self._bad[key]
+            return False
+
+    def _mark_bad(self, key: CacheEngineKey) -> None:
+        with self._lock:
+            self._known.pop(key, None)
+            if len(self._bad) >= 4096:  # bounded: drop the oldest marks
+                for old in list(self._bad)[:1024]:
+                    del self._bad[old]
+            self._bad[key] = time.monotonic() + BAD_KEY_TTL_S
+            self._stats.bad_values += 1
+
+    # -- the interface -------------------------------------------------------------------
+
+    def contains(self, key: CacheEngineKey) -> bool:
+        with self._lock:
+            if key in self._known:
+                self._known.move_to_end(key)
+                return True
+        if self._is_bad(key):
+            return False
+        try:
+            found = self._call("look up", self.transport.exists, self._name(key))
+        except RemoteUnavailable:
+            return False
+        self._succeeded()
+        if found:
+            self._remember(key)
+        return bool(found)
+
+    def exists_in_put_tasks(self, key: CacheEngineKey) -> bool:
+        with self._lock:
+            return key in self._put_tasks
+
+    def submit_put_task(self, key: CacheEngineKey, memory_obj: MemoryObj) -> Future | None:
+        with self._lock:
+            if self._closed or key in self._put_tasks or key in self._known:
+                return None
+            reason = ("unavailable" if not self.available else
+                      "backlog" if len(self._put_tasks) >= self.max_pending_puts else None)
+            dropped = reason is not None
+            if dropped:
+                self._stats.dropped_puts += 1
+            else:
+                memory_obj.ref_count_up()
+                self._put_tasks[key] = memory_obj
+        if dropped:
+            self._log_once("dropped", "a put was dropped (store unavailable or %d writes "
+                           "pending)", self.max_pending_puts)
+            call_observer(logger, self.on_dropped, [key], memory_obj.get_size(), reason)
+            return None
+        try:
+            return self._writers.submit(self._write, key, memory_obj)
+        except RuntimeError:  # closed meanwhile
+            with self._lock:
+                self._put_tasks.pop(key, None)
+            memory_obj.ref_count_down()
+            return None
+
+    def _write(self, key: CacheEngineKey, memory_obj: MemoryObj) -> bool:
+        try:
+            if not self.available:
+                raise RemoteUnavailable("the store became unavailable before the write")
+            parts = self.serde.serialize_parts(memory_obj)
+            try:
+                self.transport.put(self._name(key), parts)
+            except Exception as exc:
+                self._failed("put", exc)
+                raise
+            self._succeeded()
+            self._remember(key)
+            self._count("puts")
+            return True
+        except Exception:
+            self._count("dropped_puts")
+            raise
+        finally:
+            with self._lock:
+                self._put_tasks.pop(key, None)
+            memory_obj.ref_count_down()
+
+    def _read(self, key: CacheEngineKey) -> MemoryObj | None:
+        # Runs on an I/O thread; never raises (a prefetch's future must not fail).
+        if not self.available:
+            return None
+        try:
+            data = self.transport.get(self._name(key))
+        except Exception as exc:
+            self._failed("get", exc)
+            return None
+        self._succeeded()
+        if data is None:
+            self._forget(key)
+            self._count("misses")
+            return None
+        try:
+            obj = self.serde.deserialize(data, self.memory_allocator)
+        except Exception as exc:  # a serde must not raise; if it does, it is a bad value
+            logger.debug("%s: serde raised on %s: %s", self.tier_name, key, exc)
+            obj = None
+        if obj is None:
+            self._mark_bad(key)
+            self._log_once("bad", "the value of %s could not be decoded (corrupt, partial, "
+                           "written by another serde, or no memory for it); treated as a "
+                           "miss", key)
+            return None
+        self._remember(key)
+        self._count("hits")
+        return obj
+
+    def get_blocking(self, key: CacheEngineKey) -> MemoryObj | None:
+        if self._is_bad(key):
+            return None
+        try:
+            return self._call("get", self._read, key, release_late=True)
+        except RemoteUnavailable:
+            return None
+
+    def submit_prefetch_task(self, key: CacheEngineKey) -> Future | None:
+        """Load ``key`` on an I/O thread. The future never fails; it ends within about
+        ``timeout_s`` (the transport's own timeouts) with the object or ``None``."""
+        if not self.available or self._is_bad(key):
+            return None
+        try:
+            return self._io.submit(self._read, key)
+        except RuntimeError:  # closed
+            return None
+
+    def remove(self, key: CacheEngineKey) -> bool:
+        self._forget(key)
+        try:
+            removed = self._call("delete", self.transport.delete, self._name(key))
+        except RemoteUnavailable:
+            return False
+        self._succeeded()
+        return bool(removed)
+
+    def close(self) -> None:
+        """Wait for pending writes (each bounded by the transport's timeouts; dropped at
+        once while the store is unavailable), then release threads and connections."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._writers.shutdown(wait=True)
+        self._io.shutdown(wait=True)
+        try:
+            self.transport.close()
+        except Exception as exc:
+            logger.debug("%s: closing the transport failed: %s", self.tier_name, exc)
+
+
+#: `RemoteBackend._failed`'s operation names as the ``lmcache_storage_error`` hook spells them.
+_HOOK_OPERATIONS = {"look up": "contains", "delete": "remove"}
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    # Ours, the standard library's, and the clients' own (redis.exceptions.TimeoutError,
+    # botocore's ReadTimeoutError / ConnectTimeoutError), which derive from neither.
+    return isinstance(exc, (TimeoutError, FutureTimeout)) or "Timeout" in type(exc).__name__
+
+
+def _release_result(future: Future) -> None:
+    # A get that answered after its caller gave up: nobody will take the object.
+    try:
+        obj = future.result()
+    except Exception:
+        return
+    if obj is not None:
+        obj.ref_count_down()
+
