@@ -9,7 +9,13 @@ from collections.abc import Sequence
 
 
 def _plugins_list(args: argparse.Namespace) -> int:
-    from lmcache.plugin.registry import KINDS, PluginError, plugin_modules, registry
+    from lmcache.plugin.registry import (
+        KINDS,
+        URL_SCHEME,
+        PluginError,
+        plugin_modules,
+        registry,
+    )
 
     rows = [("KIND", "NAME", "DISTRIBUTION", "STATUS")]
     for kind in KINDS:
@@ -23,6 +29,12 @@ def _plugins_list(args: argparse.Namespace) -> int:
                 except PluginError as exc:
                     status = f"error: {exc}"
             rows.append((kind, entry.name, entry.distribution, status))
+    for entry in registry.entries(URL_SCHEME):
+        try:  # metadata only: which storage backend serves remote_url of this scheme
+            status = f"served by {registry.backend_for_scheme(entry.name)!r}"
+        except PluginError as exc:
+            status = f"error: {exc}"
+        rows.append((URL_SCHEME, f"{entry.name}://", entry.distribution, status))
     for name, value, distribution in plugin_modules():
         rows.append(("hooks", name, distribution, value))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
@@ -57,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="inspect installed plugins")
     psub = plugins.add_subparsers(dest="plugins_command", required=True)
-    plist = psub.add_parser("list", help="list components and hook modules, and whether they load")
+    plist = psub.add_parser("list", help="list components, URL schemes and hook modules, and "
+                            "whether they load")
     plist.add_argument("--no-load", action="store_true", help="do not import plugin code")
     plist.set_defaults(func=_plugins_list)
 

@@ -22,7 +22,7 @@ def _type_name(annotation: Any) -> str:
         text = str(annotation)
     else:
         text = getattr(annotation, "__name__", None) or str(annotation)
-    return text.replace("typing.", "").replace("lmcache.experimental.config.", "")
+    return text.replace("typing.", "").replace("lmcache.kernel.config.", "")
 
 
 def _cell(value: Any) -> str:

@@ -59,12 +59,23 @@ class GPUConnectorInterface(ABC):
     @abstractmethod
     def from_gpu(self, memory_obj: MemoryObj, start: int, end: int, **kwargs: Any) -> None:
         """Copy the KV of tokens ``[start, end)`` from the serving engine into
-        ``memory_obj``. Sub-classes define the format of the kwargs."""
+        ``memory_obj``. Sub-classes define the format of the kwargs.
+
+        Called once per chunk of a ``store``, on the serving engine's thread, after the
+        engine computed the KV. When it returns, ``memory_obj`` holds the chunk (a copy
+        to host memory is complete) and the connector keeps no reference to the
+        serving engine's tensors.
+        """
 
     @abstractmethod
     def to_gpu(self, memory_obj: MemoryObj, start: int, end: int, **kwargs: Any) -> None:
         """Copy ``memory_obj`` into the serving engine's KV at tokens ``[start, end)``.
-        Sub-classes define the format of the kwargs."""
+        Sub-classes define the format of the kwargs.
+
+        Called once per chunk of a ``retrieve``, on the serving engine's thread, before
+        the engine's forward pass. The caller releases ``memory_obj`` when it returns,
+        so no copy out of it may still be pending on the host side.
+        """
 
     @abstractmethod
     def get_shape(self, num_tokens: int) -> torch.Size:

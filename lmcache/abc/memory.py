@@ -229,6 +229,9 @@ class MemoryAllocatorInterface(abc.ABC):
         """Allocate memory for a payload of ``shape`` and ``dtype`` in format ``fmt``.
 
         Returns the new object (reference count 1), or ``None`` if the allocation failed.
+        Called for every chunk on the serving engine's thread (store) and on tiers'
+        reader threads (loads): it never waits -- for the operating system, for I/O, for
+        other allocations to end -- and never raises for a full allocator.
         """
 
     @abc.abstractmethod

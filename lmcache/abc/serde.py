@@ -45,7 +45,12 @@ class Serde(ABC):
     @abstractmethod
     def deserialize(self, data: bytes | bytearray | memoryview,
                     allocator: MemoryAllocatorInterface) -> MemoryObj | None:
-        """A memory object allocated from ``allocator`` holding ``data``, or ``None``."""
+        """A memory object allocated from ``allocator`` holding ``data``, or ``None``.
+
+        ``data`` may be anything: checks every length against what the bytes announce
+        before it allocates, verifies the payload, and returns ``None`` (freeing what it
+        allocated) rather than raising.
+        """
 
     def serialize_parts(self, memory_obj: MemoryObj) -> Sequence[Buffer]:
         """`serialize` as consecutive pieces whose concatenation is the value.

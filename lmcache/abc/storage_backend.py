@@ -128,25 +128,51 @@ class StorageBackendInterface(ABC):
 
     @abstractmethod
     def contains(self, key: CacheEngineKey) -> bool:
-        """Whether the chunk is stored and completely written."""
+        """Whether the chunk is stored and completely written.
+
+        Called on the serving engine's thread for every chunk of a ``lookup`` (also from
+        the vLLM scheduler's lookup channel), so it answers from memory where it can;
+        a tier that must ask a remote store bounds the wait and answers ``False`` when
+        the store does not answer in time.
+        """
 
     @abstractmethod
     def exists_in_put_tasks(self, key: CacheEngineKey) -> bool:
-        """Whether a put of this chunk was submitted and has not finished yet."""
+        """Whether a put of this chunk was submitted and has not finished yet.
+
+        Called before every store of a chunk, on the serving engine's thread; never does
+        I/O.
+        """
 
     @abstractmethod
     def submit_put_task(self, key: CacheEngineKey, memory_obj: MemoryObj) -> Future | None:
         """Start storing ``memory_obj`` under ``key``; returns a future of the write, or
-        ``None`` when the put was skipped (already stored or being stored)."""
+        ``None`` when the put was skipped (already stored or being stored).
+
+        Called on the serving engine's thread right after the chunk was copied out of
+        its KV cache: it returns at once (the hot tier may complete the put before it
+        returns) and never raises for a store that is full or down -- it skips or
+        drops the put instead.
+        """
 
     @abstractmethod
     def submit_prefetch_task(self, key: CacheEngineKey) -> Future | None:
         """Start loading ``key`` into memory; returns a future of the memory object (or
-        of ``None`` for a miss), or ``None`` when the key is not stored."""
+        of ``None`` for a miss), or ``None`` when the key is not stored.
+
+        Called on the serving engine's thread (``prefetch``, and the read-ahead of
+        ``retrieve``); the load runs on the tier's threads, allocating from
+        `TierContext.memory_allocator`. The future does not fail for a bad or missing
+        object: it carries ``None``.
+        """
 
     @abstractmethod
     def get_blocking(self, key: CacheEngineKey) -> MemoryObj | None:
-        """Load the chunk and return it as a memory object, or ``None`` on a miss."""
+        """Load the chunk and return it as a memory object, or ``None`` on a miss.
+
+        Called on the serving engine's thread during ``retrieve``: bounded in time, and
+        what it returns has exactly the shape, dtype and format that were put.
+        """
 
     @abstractmethod
     def remove(self, key: CacheEngineKey) -> bool:
@@ -154,7 +180,11 @@ class StorageBackendInterface(ABC):
 
     @abstractmethod
     def close(self) -> None:
-        """Finish pending writes and release every resource."""
+        """Finish pending writes and release every resource.
+
+        Called once when the engine closes, lowest tier first, from the thread that
+        closes it; the tier's threads are stopped when it returns. Idempotent.
+        """
 
     @classmethod
     def from_options(cls, options: Any, config: LMCacheEngineConfig,

@@ -225,7 +225,7 @@ class RemoteBackend(StorageBackendInterface):
 
     @classmethod
     def from_transport(cls, transport: RemoteTransport, options: RemoteOptions, config: Any,
-                       metadata: Any, context: TierContext) -> Any:
+                       metadata: Any, context: TierContext) -> RemoteBackend:
         """The tier over ``transport`` with the common ``options``: the serde they name
         (from the registry), the allocator and observers of ``context``. What a
         store-specific ``from_options`` calls once it has built its transport."""

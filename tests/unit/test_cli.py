@@ -26,7 +26,8 @@ def test_plugins_list_shows_kind_name_distribution_status():
     for pattern in (r"allocator\s+mixed\s+lmcache 0\.1\.0\s+ok$",
                     r"allocator\s+gpu\s+lmcache 0\.1\.0\s+ok$",
                     r"token_database\s+chunked\s+lmcache 0\.1\.0\s+ok$",
-                    r"storage_backend\s+example\.inmemory\s+lmcache-example 0\.1\.0\s+ok$"):
+                    r"storage_backend\s+example\.inmemory\s+lmcache-example 0\.1\.0\s+ok$",
+                    r"url_scheme\s+rediss://\s+lmcache-redis 0\.1\.0\s+served by 'redis'$"):
         assert any(re.match(pattern, line) for line in lines), (pattern, out.stdout)
 
 

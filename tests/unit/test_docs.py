@@ -14,7 +14,7 @@ import pytest
 
 from lmcache.experimental.config import LMCacheEngineConfig
 from lmcache.plugin import hookspecs
-from lmcache.plugin.registry import KINDS, PLUGINS_GROUP, registry
+from lmcache.plugin.registry import KINDS, PLUGINS_GROUP, URL_SCHEMES_GROUP, registry
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -34,9 +34,20 @@ def test_every_hook_is_in_the_hooks_page(hook):
     assert "::: lmcache.plugin.hookspecs" in page
 
 
-@pytest.mark.parametrize("group", [*KINDS.values(), PLUGINS_GROUP])
+@pytest.mark.parametrize("group", [*KINDS.values(), PLUGINS_GROUP, URL_SCHEMES_GROUP])
 def test_every_entry_point_group_is_documented(group):
     assert f"`{group}`" in (DOCS / "extending/index.md").read_text()
+
+
+def test_the_layout_page_shows_every_package():
+    """The tree on the architecture page names every package of lmcache, so that a
+    newcomer learns where a new component goes from the docs as from the tree."""
+    page = (DOCS / "extending/index.md").read_text()
+    tree = page.split("<!-- lmcache:layout -->")[1].split("```")[1]
+    for init in sorted((ROOT / "lmcache").rglob("__init__.py")):
+        package = init.parent.relative_to(ROOT / "lmcache")
+        if str(package) != ".":
+            assert f" {package.name}/" in tree, package
 
 
 def test_config_reference_lists_every_field():

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lmcache.integration.vllm.lookup import LookupClient, LookupServer
 from lmcache.kernel.cache_engine import LMCacheEngine, LMCacheEngineBuilder
 from lmcache.kernel.config import (
     CONFIG_FILE_ENV,
@@ -54,7 +55,6 @@ from lmcache.kernel.config import (
     env_overrides,
 )
 from lmcache.kernel.metadata import LMCacheEngineMetadata
-from lmcache.integration.vllm.lookup import LookupClient, LookupServer
 from lmcache.plugin.registry import registry
 
 try:  # the base class of connector metadata; absent when vLLM is not installed
