@@ -57,8 +57,13 @@ class RemoteTransport(ABC):
         """Store the concatenation of ``parts`` under ``name``, atomically."""
 
     @abstractmethod
-    def get(self, name: str) -> Buffer | None:
-        """The value stored under ``name``, or ``None``."""
+    def get(self, name: str, max_bytes: int | None = None) -> Buffer | None:
+        """The value stored under ``name``, or ``None``.
+
+        With ``max_bytes``, reads no more than ``max_bytes + 1`` bytes of the value: a
+        longer value comes back cut at that length, which tells the caller it is too long
+        for any chunk, without moving (or holding in memory) the rest of it.
+        """
 
     @abstractmethod
     def exists(self, name: str) -> bool:

@@ -29,15 +29,22 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from math import prod
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import torch
+
+from lmcache.abc.memory import MemoryFormat
+
 if TYPE_CHECKING:
+    from lmcache.abc.gpu_connector import GPUConnectorInterface
     from lmcache.abc.memory import MemoryAllocatorInterface, MemoryObj
     from lmcache.kernel.config import LMCacheEngineConfig
     from lmcache.kernel.metadata import LMCacheEngineMetadata
     from lmcache.utils import CacheEngineKey
 
 __all__ = [
+    "ChunkSpec",
     "HotTier",
     "StorageBackendInterface",
     "SupportsPinning",
@@ -72,6 +79,46 @@ class TierEvents:
 
 
 @dataclass(frozen=True)
+class ChunkSpec:
+    """The memory objects an engine stores, so that a tier admits nothing else.
+
+    An object read back from a tier is this engine's chunk only if its format is
+    ``fmt``, its dtype ``dtype`` and its shape one of ``shapes`` (one per number of
+    tokens a chunk can hold, 1 to ``chunk_size``). Anything else -- the chunk of a
+    deployment with another KV dtype or layout, a byte buffer, a header crafted to
+    announce a huge payload -- is a miss, decided on the header before any memory is
+    allocated for the payload. `max_payload_bytes` bounds what a tier reads from outside.
+    """
+
+    fmt: MemoryFormat
+    dtype: torch.dtype
+    shapes: frozenset[tuple[int, ...]]
+
+    def admits(self, fmt: MemoryFormat, dtype: torch.dtype | None,
+               shape: Sequence[int]) -> bool:
+        """Whether an object of ``fmt``, ``dtype`` and ``shape`` is one of these chunks."""
+        return fmt == self.fmt and dtype == self.dtype and tuple(shape) in self.shapes
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """The payload of the largest chunk, in bytes."""
+        return max(prod(s) for s in self.shapes) * self.dtype.itemsize
+
+    @classmethod
+    def for_connector(cls, connector: GPUConnectorInterface, chunk_size: int,
+                      dtype: torch.dtype) -> ChunkSpec:
+        """The KV_BLOB chunks ``connector`` fills, in ``dtype``, of 1 to ``chunk_size``
+        tokens (its ``get_shape``)."""
+        return cls(MemoryFormat.KV_BLOB, dtype, frozenset(
+            tuple(connector.get_shape(n)) for n in range(1, chunk_size + 1)))
+
+    def __str__(self) -> str:
+        largest = max(self.shapes, key=prod)
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{self.fmt.name} {dtype} of shape {largest} (or fewer tokens)"
+
+
+@dataclass(frozen=True)
 class TierContext:
     """What the engine shares with each tier it builds.
 
@@ -87,12 +134,17 @@ class TierContext:
         outages (see `TierEvents`).
     ``engine_id``
         The engine the tier belongs to.
+    ``chunk_spec``
+        The chunks the engine stores (`ChunkSpec`): a tier admits nothing else from its
+        storage, and reads no more bytes than the largest can need. ``None`` outside an
+        engine: any well-formed object stored under the key is admitted.
     """
 
     tier_name: str = ""
     memory_allocator: MemoryAllocatorInterface | None = None
     events: TierEvents = field(default_factory=TierEvents)
     engine_id: str = "lmcache"
+    chunk_spec: ChunkSpec | None = None
 
     def allocator_for(self, component: type) -> MemoryAllocatorInterface:
         """The allocator, or a ``ValueError`` naming ``component`` when there is none."""

@@ -12,6 +12,7 @@ import torch
 
 from lmcache.abc.gpu_connector import GPUConnectorInterface
 from lmcache.abc.memory import MemoryAllocatorInterface, MemoryFormat
+from lmcache.abc.storage_backend import ChunkSpec
 from lmcache.abc.token_database import TokenDatabase, supports_cache_salt
 from lmcache.kernel.config import LMCacheEngineConfig
 from lmcache.kernel.metadata import LMCacheEngineMetadata
@@ -55,8 +56,9 @@ class LMCacheEngine:
         self.token_database = token_database
         self.gpu_connector = gpu_connector
         self.engine_id = engine_id or f"lmcache-{id(self):x}"
+        self.chunk_spec = _chunk_spec(config, metadata, gpu_connector)
         self.storage_manager = storage_manager or StorageManager.from_config(
-            config, metadata, memory_allocator, self.engine_id)
+            config, metadata, memory_allocator, self.engine_id, self.chunk_spec)
         self._full_warned = False
         self._closed = False
 
@@ -204,6 +206,17 @@ class LMCacheEngine:
         hooks().lmcache_engine_closing(engine_id=self.engine_id, engine=self)
         self._closed = True
         self.storage_manager.close()
+
+
+def _chunk_spec(config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata,
+                connector: GPUConnectorInterface | None) -> ChunkSpec:
+    """The chunks this engine stores: what its connector fills, or without one the
+    KV_BLOB layout ``[2, num_layers, tokens, num_kv_heads * head_size]``."""
+    if connector is not None:
+        return ChunkSpec.for_connector(connector, config.chunk_size, metadata.kv_dtype)
+    layers, _, _, heads, head_size = metadata.kv_shape
+    return ChunkSpec(MemoryFormat.KV_BLOB, metadata.kv_dtype, frozenset(
+        (2, layers, n, heads * head_size) for n in range(1, config.chunk_size + 1)))
 
 
 def _add(record: list, key: Any, num_tokens: int, num_bytes: int) -> None:

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmcache.abc.memory import MemoryAllocatorInterface, MemoryFormat, MemoryObj
-from lmcache.abc.storage_backend import HotTier, StorageBackendInterface, TierContext, TierEvents
+from lmcache.abc.storage_backend import (
+    ChunkSpec,
+    HotTier,
+    StorageBackendInterface,
+    TierContext,
+    TierEvents,
+)
 from lmcache.plugin.manager import hooks
 from lmcache.plugin.registry import registry
 from lmcache.utils import CacheEngineKey, LogOnce
@@ -39,6 +45,16 @@ PREFETCH_WAIT_S = 30.0
 READ_AHEAD = 3
 #: Longest an allocation waits for writes to lower tiers to release memory.
 WRITE_BACKPRESSURE_S = 10.0
+
+
+def _release_late(future: Future) -> None:
+    # A load that ended after its caller gave up on it: nobody will take the object.
+    try:
+        obj = future.result()
+    except Exception:
+        return
+    if obj is not None:
+        obj.ref_count_down()
 
 
 class StorageFault(RuntimeError):
@@ -106,12 +122,16 @@ class StorageManager:
     """
 
     def __init__(self, allocator: MemoryAllocatorInterface, error_handling: bool = False,
-                 engine_id: str = "lmcache"):
+                 engine_id: str = "lmcache", chunk_spec: ChunkSpec | None = None):
         self.allocator = allocator
+        #: The chunks this engine stores; an object of another kind is never admitted.
+        self.chunk_spec = chunk_spec
         self.error_handling = error_handling
         self.engine_id = engine_id
         self.tiers: dict[str, StorageBackendInterface] = {}
         self.hot_tier_name: str | None = None
+        #: Objects tiers returned that were not this engine's chunks (see `_admit`).
+        self.rejected = 0
         self.reclaiming_allocator = _ReclaimingAllocator(self)
         self._log_fault = LogOnce(logger)
         self._lock = threading.Lock()
@@ -120,8 +140,9 @@ class StorageManager:
 
     @classmethod
     def from_config(cls, config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata,
-                    allocator: MemoryAllocatorInterface, engine_id: str) -> StorageManager:
-        manager = cls(allocator, config.error_handling, engine_id)
+                    allocator: MemoryAllocatorInterface, engine_id: str,
+                    chunk_spec: ChunkSpec | None = None) -> StorageManager:
+        manager = cls(allocator, config.error_handling, engine_id, chunk_spec)
         for spec in config.storage_backend_specs():
             try:
                 backend = registry.create(
@@ -143,7 +164,8 @@ class StorageManager:
     def tier_context(self, name: str) -> TierContext:
         """What the tier ``name`` of this engine is built with."""
         return TierContext(tier_name=name, memory_allocator=self.reclaiming_allocator,
-                           events=_HookEvents(self.engine_id, name), engine_id=self.engine_id)
+                           events=_HookEvents(self.engine_id, name), engine_id=self.engine_id,
+                           chunk_spec=self.chunk_spec)
 
     def add_tier(self, name: str, backend: StorageBackendInterface) -> None:
         if name in self.tiers:
@@ -298,12 +320,28 @@ class StorageManager:
             except Exception as exc:
                 self._fault(name, "get", exc)
                 continue
-            if obj is None:
+            if obj is None or not self._admit(name, key, obj):
                 continue
             if name != self.hot_tier_name and self.hot_tier is not None:
                 self._promote(key, obj)
             return obj, name
         return None
+
+    def _admit(self, tier: str, key: CacheEngineKey, obj: MemoryObj) -> bool:
+        """Whether ``obj``, found for ``key`` in ``tier``, is one of this engine's chunks;
+        one that is not (a tier that does not check its objects) is released and is a
+        miss: never promoted, never loaded."""
+        spec = self.chunk_spec
+        if spec is None or spec.admits(obj.get_memory_format(), obj.get_dtype(),
+                                       obj.get_shape()):
+            return True
+        obj.ref_count_down()
+        self.rejected += 1
+        self._log_fault((tier, "admit"), "tier %r returned %s for %s, not one of this "
+                        "engine's chunks (%s); treated as a miss", tier,
+                        f"a {obj.get_memory_format().name} {obj.get_dtype()} object of shape "
+                        f"{tuple(obj.get_shape())}", key, spec)
+        return False
 
     def iter_get(self, keys: Sequence[CacheEngineKey],
                  search_range: Sequence[str] | None = None,
@@ -343,10 +381,15 @@ class StorageManager:
                 launch()
                 obj = None
                 if future is not None:
-                    try:
-                        obj = future.result()
+                    try:  # tiers bound their own loads; this bound is the last resort
+                        obj = future.result(timeout=PREFETCH_WAIT_S)
+                    except FutureTimeout as exc:
+                        future.add_done_callback(_release_late)
+                        self._fault(source, "get", exc)
                     except Exception as exc:
                         self._fault(source, "get", exc)
+                if obj is not None and not self._admit(source, key, obj):
+                    obj = None
                 if obj is None:
                     yield self.get(key, search_range)
                     continue
@@ -402,7 +445,7 @@ class StorageManager:
                 obj = None if exc is not None else future.result()
                 if exc is not None:
                     self._report(tier, "get", exc)
-                if obj is not None:
+                if obj is not None and self._admit(tier, key, obj):
                     if self.hot_tier is not None:
                         self._promote(key, obj)
                     obj.ref_count_down()

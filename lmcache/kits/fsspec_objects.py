@@ -77,10 +77,13 @@ class FsspecObjects:
             self.delete_quietly(tmp)
             raise
 
-    def get(self, path: str) -> bytes | None:
-        """The whole object at ``path``, or ``None`` if there is none."""
+    def get(self, path: str, max_bytes: int | None = None) -> bytes | None:
+        """The object at ``path`` (at most its first ``max_bytes + 1`` bytes), or ``None``
+        if there is none."""
         try:
-            return self.fs.cat_file(path)
+            if max_bytes is None:
+                return self.fs.cat_file(path)
+            return self.fs.cat_file(path, start=0, end=max_bytes + 1)
         except FileNotFoundError:
             return None
 

@@ -5,7 +5,7 @@ contiguous byte string::
 
     offset  size  field (little-endian)
          0     8  magic  b"LMCKVOBJ"
-         8     2  format version (u16), currently 1
+         8     2  format version (u16), currently 2 (1 had no key digest)
         10     1  checksum algorithm id (u8): 1 = "sum64", 2 = "crc32"
         11     1  MemoryFormat value (u8)
         12     1  dtype code (u8), from a fixed table (0 = no dtype: a byte buffer)
@@ -13,7 +13,9 @@ contiguous byte string::
         14    64  shape: 8 x u64, unused dimensions zero
         78     8  payload length in bytes (u64) == prod(shape) * itemsize
         86     8  payload checksum (u64)
-        94    30  reserved, zero
+        94    16  key digest: the first 16 bytes of sha256(key string) of the chunk the
+                  object was stored under (all zero: stored under no key)
+       110    14  reserved, zero
        124     4  header checksum (u32): zlib.crc32 of bytes [0, 124)
        128     -  payload
 
@@ -25,11 +27,18 @@ anything that is not a well-formed header of a version and table this module kno
 *foreign* object), and checks every size before trusting it. `verify_payload`
 returns ``False`` for a payload of the wrong length or checksum.
 
+An object read for a key is that key's chunk only if its key digest is the key's
+(`ObjectHeader.problem`): a valid object copied or renamed onto another chunk's name is
+a miss, not that chunk's KV. And it is *this engine's* chunk only if its format, dtype
+and shape are ones the engine stores (a `lmcache.abc.storage_backend.ChunkSpec`); the
+check is made on the header, before any memory is allocated for the payload.
+
 Payload checksums (``sum64``, ``crc32``) are those of `lmcache.kits.checksum`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from collections.abc import Callable
@@ -54,12 +63,16 @@ from lmcache.kits.checksum import (
 
 if TYPE_CHECKING:
     from lmcache.abc.memory import MemoryAllocatorInterface, MemoryObj
+    from lmcache.abc.storage_backend import ChunkSpec
+    from lmcache.utils import CacheEngineKey
 
 __all__ = [
     "CHECKSUM_ALGORITHMS",
     "CHECKSUM_BLOCK",
     "FORMAT_VERSION",
     "HEADER_SIZE",
+    "KEY_DIGEST_SIZE",
+    "NO_KEY",
     "MAGIC",
     "MAX_PAYLOAD_BYTES",
     "ObjectHeader",
@@ -69,19 +82,24 @@ __all__ = [
     "build_header",
     "decode_header",
     "encode_header",
+    "key_digest",
     "payload_checksum",
     "read_object",
     "verify_payload",
 ]
 
 MAGIC = b"LMCKVOBJ"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_SIZE = 128
+KEY_DIGEST_SIZE = 16
+#: The key digest of an object stored under no key.
+NO_KEY = bytes(KEY_DIGEST_SIZE)
 MAX_NDIM = 8
 #: The largest payload a header may announce (1 TiB); anything bigger is foreign.
 MAX_PAYLOAD_BYTES = 1 << 40
 
 _FIELDS = struct.Struct("<8sHBBBB8QQQ")  # up to and including the payload checksum
+_KEY_OFFSET = _FIELDS.size
 _CRC_OFFSET = HEADER_SIZE - 4
 
 # Dtype codes as stored in the header. Never renumber; append new ones.
@@ -105,7 +123,14 @@ _CODE_TO_DTYPE: dict[int, torch.dtype] = {
 _DTYPE_TO_CODE = {dtype: code for code, dtype in _CODE_TO_DTYPE.items()}
 _FORMAT_VALUES = {f.value: f for f in MemoryFormat}
 
-assert _FIELDS.size <= _CRC_OFFSET
+assert _KEY_OFFSET + KEY_DIGEST_SIZE <= _CRC_OFFSET
+
+
+def key_digest(key: CacheEngineKey | None) -> bytes:
+    """What the header of an object stored under ``key`` holds (`NO_KEY` for None)."""
+    if key is None:
+        return NO_KEY
+    return hashlib.sha256(key.to_string().encode("utf-8")).digest()[:KEY_DIGEST_SIZE]
 
 
 @dataclass(frozen=True)
@@ -120,11 +145,25 @@ class ObjectHeader:
     checksum_algorithm: str
     checksum: int
     version: int = FORMAT_VERSION
+    #: `key_digest` of the key the object was stored under.
+    key_digest: bytes = NO_KEY
 
     @property
     def total_size(self) -> int:
         """Bytes of the whole object: header plus payload."""
         return HEADER_SIZE + self.payload_length
+
+    def problem(self, key: CacheEngineKey | None, spec: ChunkSpec | None = None) -> str | None:
+        """Why this object is not the chunk of ``key`` that ``spec`` describes, or None
+        when it is: stored under another key, or not of a format, dtype and shape this
+        engine stores."""
+        if self.key_digest != key_digest(key):
+            return "stored under another key"
+        if spec is not None and not spec.admits(self.fmt, self.dtype, self.shape):
+            dtype = str(self.dtype).removeprefix("torch.")
+            return (f"a {self.fmt.name} {dtype} object of shape {tuple(self.shape)}; "
+                    f"this engine's chunks are {spec}")
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,8 +179,10 @@ def build_header(
     algorithm: str = "sum64",
     *,
     checksum: int | None = None,
+    key: CacheEngineKey | None = None,
 ) -> bytes:
-    """The `HEADER_SIZE`-byte header of an object with this payload.
+    """The `HEADER_SIZE`-byte header of an object with this payload, stored under
+    ``key`` (None: under no key, which no tier reads back as a chunk).
 
     ``checksum`` is the payload's checksum when the caller computed it already (with a
     `PayloadHasher` of the same ``algorithm``, e.g. while writing the payload).
@@ -181,19 +222,23 @@ def build_header(
         buf, 0, MAGIC, FORMAT_VERSION, ALGORITHM_IDS[algorithm], fmt.value, code, len(dims),
         *dims, *([0] * (MAX_NDIM - len(dims))), length, checksum,
     )
+    buf[_KEY_OFFSET:_KEY_OFFSET + KEY_DIGEST_SIZE] = key_digest(key)
     struct.pack_into("<I", buf, _CRC_OFFSET, zlib.crc32(memoryview(buf)[:_CRC_OFFSET]))
     return bytes(buf)
 
 
-def encode_header(memory_obj: MemoryObj, algorithm: str = "sum64") -> bytes:
-    """The header of ``memory_obj`` (format, dtype, shape and a checksum of its
-    ``byte_array``); write it, then the ``byte_array``. See `build_header`."""
+def encode_header(memory_obj: MemoryObj, algorithm: str = "sum64",
+                  key: CacheEngineKey | None = None) -> bytes:
+    """The header of ``memory_obj`` stored under ``key`` (format, dtype, shape, a
+    checksum of its ``byte_array``, the key's digest); write it, then the
+    ``byte_array``. See `build_header`."""
     return build_header(
         memory_obj.get_memory_format(),
         memory_obj.get_dtype(),
         memory_obj.get_shape(),
         memory_obj.byte_array,
         algorithm,
+        key=key,
     )
 
 
@@ -247,7 +292,11 @@ def decode_header(data: Any, max_payload: int = MAX_PAYLOAD_BYTES) -> ObjectHead
             return None
     if length != expected:
         return None
-    return ObjectHeader(fmt, dtype, torch.Size(shape), length, algorithm, checksum, version)
+    if any(mv[_KEY_OFFSET + KEY_DIGEST_SIZE:_CRC_OFFSET]):  # reserved bytes
+        return None
+    digest = bytes(mv[_KEY_OFFSET:_KEY_OFFSET + KEY_DIGEST_SIZE])
+    return ObjectHeader(fmt, dtype, torch.Size(shape), length, algorithm, checksum, version,
+                        digest)
 
 
 def verify_payload(header: ObjectHeader, payload: Any) -> bool:
@@ -284,20 +333,23 @@ def _read_exactly_into(f: Any, buf: memoryview) -> int:
 
 
 def read_object(
-    f: _Readable, allocator: MemoryAllocatorInterface, max_payload: int = MAX_PAYLOAD_BYTES
+    f: _Readable, allocator: MemoryAllocatorInterface, max_payload: int = MAX_PAYLOAD_BYTES,
+    *, key: CacheEngineKey | None = None, spec: ChunkSpec | None = None,
 ) -> MemoryObj | None:
-    """Read one stored object from the file-like ``f`` into memory from ``allocator``.
+    """Read the object stored under ``key`` from the file-like ``f`` into memory from
+    ``allocator``.
 
     The payload is read straight into the new object's ``byte_array`` (``readinto`` when
-    ``f`` has it). Returns ``None`` for a foreign, truncated, over-long or corrupt object
-    and when the allocator has no room (the object is freed again). I/O errors of ``f``
-    propagate.
+    ``f`` has it). Returns ``None`` for a foreign, truncated, over-long or corrupt object,
+    one stored under another key or not admitted by ``spec`` (`ObjectHeader.problem`,
+    checked before anything is allocated), and when the allocator has no room (the
+    object is freed again). I/O errors of ``f`` propagate.
     """
     head = bytearray(HEADER_SIZE)
     if _read_exactly_into(f, memoryview(head)) != HEADER_SIZE:
         return None
     header = decode_header(head, max_payload)
-    if header is None:
+    if header is None or header.problem(key, spec) is not None:
         return None
     return fill_object(header, allocator, lambda payload: (
         _read_exactly_into(f, payload) == header.payload_length and not f.read(1)))

@@ -6,11 +6,14 @@ does the hard parts once, for every store:
 
 Values
     A chunk is stored as the bytes its `Serde` makes (``remote_serde``): the
-    self-describing object of `object_format` (header with checksum, then the payload,
-    compressed or not). A value that is missing, corrupt, partial or foreign decodes to
-    ``None`` and is a miss; the backend then ignores that key for a while
-    (`BAD_KEY_TTL_S`) instead of fetching it again on every lookup. Bad values are not
-    deleted: in a shared store they may be another program's.
+    self-describing object of `object_format` (header with checksum and the key it was
+    stored under, then the payload, compressed or not). A get reads no more than the
+    serde can make of this engine's largest chunk (``TierContext.chunk_spec``). A value
+    that is missing, corrupt, partial, foreign, too long, stored under another key or
+    not this engine's kind of chunk decodes to ``None`` and is a miss; the backend then
+    ignores that key (a bounded set of `BAD_KEYS` of them) until this process writes it
+    again, instead of fetching it on every lookup. Bad values are not deleted: in a
+    shared store they may be another program's.
 Names
     The chunk key's string form (`CacheEngineKey.to_string`) under a namespace: the
     transport decides the spelling (``lmcache:<key>`` in Redis,
@@ -83,9 +86,10 @@ from lmcache.utils import CacheEngineKey, LogOnce, call_observer
 if TYPE_CHECKING:
     from lmcache.abc.memory import MemoryAllocatorInterface, MemoryObj
     from lmcache.abc.serde import Serde
+    from lmcache.abc.storage_backend import ChunkSpec
 
 __all__ = [
-    "BAD_KEY_TTL_S",
+    "BAD_KEYS",
     "RemoteBackend",
     "RemoteOptions",
     "RemoteStats",
@@ -97,7 +101,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: How long a key whose value could not be decoded is treated as absent.
-BAD_KEY_TTL_S = 60.0
+BAD_KEYS = 65536
 
 
 def redact_url(url: str) -> str:
@@ -191,6 +195,7 @@ class RemoteBackend(StorageBackendInterface):
         on_error: Callable[[str, BaseException], None] | None = None,
         on_dropped: Callable[[list[CacheEngineKey], int, str], None] | None = None,
         on_availability: Callable[[bool, BaseException | None], None] | None = None,
+        chunk_spec: ChunkSpec | None = None,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
@@ -200,6 +205,10 @@ class RemoteBackend(StorageBackendInterface):
         self.transport = transport
         self.serde = serde
         self.memory_allocator = memory_allocator
+        self.chunk_spec = chunk_spec
+        #: The most bytes one get reads: what the serde makes of the largest chunk.
+        self.max_value_bytes = (None if chunk_spec is None else
+                                serde.max_value_size(chunk_spec.max_payload_bytes))
         self.timeout_s = float(timeout_s)
         self.retry_interval_s = float(retry_interval_s)
         self.max_retry_interval_s = max(float(max_retry_interval_s), self.retry_interval_s)
@@ -214,7 +223,7 @@ class RemoteBackend(StorageBackendInterface):
         self._put_tasks: dict[CacheEngineKey, MemoryObj] = {}
         self._known: OrderedDict[CacheEngineKey, None] = OrderedDict()
         self._known_max = known_keys
-        self._bad: dict[CacheEngineKey, float] = {}  # key -> monotonic time it expires
+        self._bad: OrderedDict[CacheEngineKey, None] = OrderedDict()  # oldest first
         self._down_until = 0.0
         self._backoff = self.retry_interval_s
         self._consecutive_failures = 0
@@ -238,7 +247,7 @@ class RemoteBackend(StorageBackendInterface):
                    num_workers=options.num_workers, max_pending_puts=options.max_pending_puts,
                    known_keys=options.known_keys, tier_name=context.tier_name or "remote",
                    on_error=events.error, on_dropped=events.dropped,
-                   on_availability=events.availability)
+                   on_availability=events.availability, chunk_spec=context.chunk_spec)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.tier_name!r}, {self.transport.description!r})"
@@ -351,21 +360,14 @@ class RemoteBackend(StorageBackendInterface):
 
     def _is_bad(self, key: CacheEngineKey) -> bool:
         with self._lock:
-            expires = self._bad.get(key)
-            if expires is None:
-                return False
-            if time.monotonic() < expires:
-                return True
-            del self._bad[key]
-            return False
+            return key in self._bad
 
     def _mark_bad(self, key: CacheEngineKey) -> None:
         with self._lock:
             self._known.pop(key, None)
-            if len(self._bad) >= 4096:  # bounded: drop the oldest marks
-                for old in list(self._bad)[:1024]:
-                    del self._bad[old]
-            self._bad[key] = time.monotonic() + BAD_KEY_TTL_S
+            self._bad[key] = None
+            while len(self._bad) > BAD_KEYS:  # bounded: forget the oldest marks
+                self._bad.popitem(last=False)
             self._stats.bad_values += 1
 
     # -- the interface -------------------------------------------------------------------
@@ -419,7 +421,7 @@ class RemoteBackend(StorageBackendInterface):
         try:
             if not self.available:
                 raise RemoteUnavailable("the store became unavailable before the write")
-            parts = self.serde.serialize_parts(memory_obj)
+            parts = self.serde.serialize_parts(memory_obj, key)
             try:
                 self.transport.put(self._name(key), parts)
             except Exception as exc:
@@ -442,7 +444,7 @@ class RemoteBackend(StorageBackendInterface):
         if not self.available:
             return None
         try:
-            data = self.transport.get(self._name(key))
+            data = self.transport.get(self._name(key), self.max_value_bytes)
         except Exception as exc:
             self._failed("get", exc)
             return None
@@ -452,15 +454,19 @@ class RemoteBackend(StorageBackendInterface):
             self._count("misses")
             return None
         try:
-            obj = self.serde.deserialize(data, self.memory_allocator)
+            obj = None
+            if self.max_value_bytes is None or len(data) <= self.max_value_bytes:
+                obj = self.serde.deserialize(data, self.memory_allocator, key,
+                                             self.chunk_spec)
         except Exception as exc:  # a serde must not raise; if it does, it is a bad value
             logger.debug("%s: serde raised on %s: %s", self.tier_name, key, exc)
             obj = None
         if obj is None:
             self._mark_bad(key)
-            self._log_once("bad", "the value of %s could not be decoded (corrupt, partial, "
-                           "written by another serde, or no memory for it); treated as a "
-                           "miss", key)
+            self._log_once("bad", "the value of %s is not this engine's chunk (corrupt, "
+                           "partial, too long, stored under another key, of another "
+                           "dtype or layout, written by another serde, or no memory for "
+                           "it); treated as a miss until this process writes it", key)
             return None
         self._remember(key)
         self._count("hits")

@@ -16,6 +16,7 @@ from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryFo
 from lmcache.experimental.storage_backend.object_format import (
     CHECKSUM_ALGORITHMS,
     CHECKSUM_BLOCK,
+    FORMAT_VERSION,
     HEADER_SIZE,
     MAGIC,
     ObjectHeader,
@@ -52,7 +53,7 @@ def reference_sum64(data: bytes) -> int:
 
 def raw_header(**overrides: object) -> bytearray:
     # A header built field by field (with a valid header checksum), to forge bad ones.
-    f = {"magic": MAGIC, "version": 1, "algo": 1, "fmt": 1, "dtype": 1, "ndim": 2,
+    f = {"magic": MAGIC, "version": FORMAT_VERSION, "algo": 1, "fmt": 1, "dtype": 1, "ndim": 2,
          "shape": [4, 8], "length": 64, "checksum": 0}
     f.update(overrides)
     shape = list(f["shape"]) + [0] * (8 - len(f["shape"]))
@@ -172,7 +173,8 @@ def test_every_flipped_header_bit_is_rejected():
     "overrides",
     [
         {"magic": b"LMCKVOBX"},
-        {"version": 2},
+        {"version": 1},  # before key digests: an old object is foreign
+        {"version": 3},
         {"version": 0},
         {"algo": 0},
         {"algo": 99},

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryFormat
 from lmcache.experimental.storage_backend.object_format import HEADER_SIZE, MAGIC, decode_header
 from lmcache.experimental.storage_backend.serde import NaiveSerde, Serde, ZstdSerde
-from lmcache.kits.object_format import _CRC_OFFSET, _FIELDS
+from lmcache.kits.object_format import _CRC_OFFSET, _FIELDS, FORMAT_VERSION
 from lmcache.plugin.registry import registry
 
 SERDES = {"naive": NaiveSerde(), "naive-crc32": NaiveSerde("crc32"), "zstd": ZstdSerde(),
@@ -140,7 +140,8 @@ def test_header_announcing_more_than_memory_holds_is_a_miss(allocator):
     # nothing is read, nothing raised. (build_header insists on a real payload, so the
     # header is assembled field by field here.)
     buf = bytearray(HEADER_SIZE)
-    _FIELDS.pack_into(buf, 0, MAGIC, 1, 1, MemoryFormat.KV_BLOB.value, 2, 1, 1 << 38,
+    _FIELDS.pack_into(buf, 0, MAGIC, FORMAT_VERSION, 1, MemoryFormat.KV_BLOB.value, 2, 1,
+                      1 << 38,
                       *([0] * 7), 1 << 39, 0)
     struct.pack_into("<I", buf, _CRC_OFFSET, zlib.crc32(bytes(buf[:_CRC_OFFSET])))
     assert decode_header(bytes(buf)) is not None
@@ -189,10 +190,10 @@ def test_missing_zstandard_is_a_clear_error(monkeypatch):
 
 def test_serde_abc_default_parts():
     class Joined(Serde):
-        def serialize(self, memory_obj):
+        def serialize(self, memory_obj, key=None):
             return b"abc"
 
-        def deserialize(self, data, allocator):
+        def deserialize(self, data, allocator, key=None, spec=None):
             return None
 
     assert Joined().serialize_parts(None) == [b"abc"]

@@ -31,15 +31,19 @@ _TENSOR_FORMATS = frozenset({MemoryFormat.UNDEFINED, MemoryFormat.KV_BLOB, Memor
 class BufferAllocator(MemoryAllocatorInterface):
     """Allocates `BytesBufferMemoryObj` objects over fresh ``bytearray`` buffers.
 
-    There is no region: buffers come from the Python heap, so `capacity` is
-    unbounded (``sys.maxsize``). Live objects are still counted (and referenced) until
-    freed, so leaks show in `num_active_allocations`.
+    There is no region: buffers come from the Python heap. ``capacity`` bounds the bytes
+    of live buffers (an allocation beyond it answers ``None``); by default it is
+    unbounded (``sys.maxsize``). Live objects are counted (and referenced) until freed,
+    so leaks show in `num_active_allocations`.
     """
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", capacity: int | None = None) -> None:
         if torch.device(device).type != "cpu":
             raise ValueError(f"BufferAllocator holds CPU byte buffers; got device {device!r}")
+        if capacity is not None and capacity < 0:
+            raise ValueError(f"capacity must be a non-negative number of bytes, got {capacity}")
         self.device = device
+        self._capacity = sys.maxsize if capacity is None else capacity
         self._lock = threading.Lock()
         self._live: dict[int, BytesBufferMemoryObj] = {}
         self._allocated_bytes = 0
@@ -49,18 +53,33 @@ class BufferAllocator(MemoryAllocatorInterface):
         shape: torch.Size | tuple[int, ...],
         dtype: torch.dtype | None,
         fmt: MemoryFormat = MemoryFormat.BINARY_BUFFER,
-    ) -> BytesBufferMemoryObj:
+        *,
+        budget: int | None = None,
+    ) -> BytesBufferMemoryObj | None:
+        """A new buffer of ``shape[0]`` bytes, or ``None`` when the live buffers would
+        then exceed ``capacity`` (or ``budget``, a smaller bound for this call): the
+        bytes are reserved before the buffer exists, so a length read from outside never
+        allocates beyond the bound."""
         if fmt != MemoryFormat.BINARY_BUFFER:
             raise ValueError(f"BufferAllocator allocates format BINARY_BUFFER, got {fmt.name}")
         size_shape = normalize_shape(shape)
         if len(size_shape) < 1:
             raise ValueError("shape must give the buffer's length in bytes as shape[0]")
         nbytes = size_shape[0]
-        obj = BytesBufferMemoryObj(bytearray(nbytes))
+        limit = self._capacity if budget is None else min(budget, self._capacity)
+        with self._lock:
+            if self._allocated_bytes + nbytes > limit:
+                return None
+            self._allocated_bytes += nbytes
+        try:
+            obj = BytesBufferMemoryObj(bytearray(nbytes))
+        except MemoryError:
+            with self._lock:
+                self._allocated_bytes -= nbytes
+            return None
         obj.parent_allocator = self
         with self._lock:
             self._live[id(obj)] = obj
-            self._allocated_bytes += nbytes
         return obj
 
     def free(self, memory_obj: MemoryObj) -> None:
@@ -84,22 +103,24 @@ class BufferAllocator(MemoryAllocatorInterface):
 
     @property
     def capacity(self) -> int:
-        return sys.maxsize
+        return self._capacity
 
 
 class MixedMemoryAllocator(MemoryAllocatorInterface):
     """Tensor formats (KV_BLOB, BINARY, UNDEFINED) from a `PinMemoryAllocator` of
     ``size`` bytes; BINARY_BUFFER from a `BufferAllocator`.
 
-    The accounting properties add both up, except `capacity`, which is the pinned
-    region's (byte buffers live on the unbounded Python heap).
+    Both share one budget, the pinned region's `capacity`: a byte buffer is refused
+    (``None``) when it would bring the live tensors and buffers together over it, and so
+    is a tensor while buffers are live. A length announced by stored bytes can therefore
+    never allocate beyond ``max_local_cpu_size``. The accounting properties add both up.
     """
 
     Options = PrefaultOptions
 
     def __init__(self, size: int, *, prefault: bool = False) -> None:
         self.pin_allocator = PinMemoryAllocator(size, prefault=prefault)
-        self.buffer_allocator = BufferAllocator("cpu")
+        self.buffer_allocator = BufferAllocator("cpu", capacity=self.pin_allocator.capacity)
 
     def allocate(
         self,
@@ -107,10 +128,17 @@ class MixedMemoryAllocator(MemoryAllocatorInterface):
         dtype: torch.dtype | None,
         fmt: MemoryFormat = MemoryFormat.KV_BLOB,
     ) -> MemoryObj | None:
+        buffers, pinned = self.buffer_allocator, self.pin_allocator
         if fmt == MemoryFormat.BINARY_BUFFER:
-            return self.buffer_allocator.allocate(shape, dtype, fmt)
+            return buffers.allocate(shape, dtype, fmt,
+                                    budget=pinned.capacity - pinned.allocated_bytes)
         if fmt in _TENSOR_FORMATS:
-            return self.pin_allocator.allocate(shape, dtype, fmt)
+            if buffers.allocated_bytes:  # rare: byte buffers are live; share the budget
+                itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else 1
+                nbytes = normalize_shape(shape).numel() * itemsize
+                if pinned.allocated_bytes + buffers.allocated_bytes + nbytes > pinned.capacity:
+                    return None
+            return pinned.allocate(shape, dtype, fmt)
         raise ValueError(f"unsupported memory format {fmt!r}")
 
     def free(self, memory_obj: MemoryObj) -> None:

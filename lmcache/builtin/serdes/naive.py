@@ -22,10 +22,11 @@ from lmcache.kits.object_format import (
     fill_object,
 )
 from lmcache.plugin.options import PluginOptions
-from lmcache.utils import Buffer
+from lmcache.utils import Buffer, CacheEngineKey
 
 if TYPE_CHECKING:
     from lmcache.abc.memory import MemoryAllocatorInterface, MemoryObj
+    from lmcache.abc.storage_backend import ChunkSpec
 
 __all__ = ["NaiveSerde"]
 
@@ -46,20 +47,27 @@ class NaiveSerde(Serde):
     def from_options(cls, options: NaiveSerde.Options, config: Any, metadata: Any) -> NaiveSerde:
         return cls(options.checksum)
 
-    def serialize_parts(self, memory_obj: MemoryObj) -> list[Buffer]:
-        return [encode_header(memory_obj, self.checksum), memory_obj.byte_array]
+    def serialize_parts(self, memory_obj: MemoryObj, key: CacheEngineKey | None = None
+                        ) -> list[Buffer]:
+        return [encode_header(memory_obj, self.checksum, key), memory_obj.byte_array]
 
-    def serialize(self, memory_obj: MemoryObj) -> bytes:
-        return b"".join(self.serialize_parts(memory_obj))
+    def serialize(self, memory_obj: MemoryObj, key: CacheEngineKey | None = None) -> bytes:
+        return b"".join(self.serialize_parts(memory_obj, key))
 
-    def deserialize(self, data: Buffer, allocator: MemoryAllocatorInterface
+    def max_value_size(self, payload_bytes: int) -> int:
+        return HEADER_SIZE + payload_bytes
+
+    def deserialize(self, data: Buffer, allocator: MemoryAllocatorInterface,
+                    key: CacheEngineKey | None = None, spec: ChunkSpec | None = None
                     ) -> MemoryObj | None:
         mv = byte_view(data)
         if mv is None:
             return None
         header = decode_header(mv[:HEADER_SIZE], self.max_payload)
-        if header is None or mv.nbytes != header.total_size:
+        if header is None or mv.nbytes != header.total_size \
+                or header.problem(key, spec) is not None:
             return None
+
         def copy(payload: memoryview) -> bool:
             payload[:] = mv[HEADER_SIZE:]
             return True

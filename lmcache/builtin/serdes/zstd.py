@@ -41,10 +41,11 @@ from lmcache.kits.object_format import (
     payload_checksum,
 )
 from lmcache.plugin.options import PluginOptions
-from lmcache.utils import Buffer
+from lmcache.utils import Buffer, CacheEngineKey
 
 if TYPE_CHECKING:
     from lmcache.abc.memory import MemoryAllocatorInterface, MemoryObj
+    from lmcache.abc.storage_backend import ChunkSpec
 
 __all__ = ["ZstdSerde"]
 
@@ -98,12 +99,13 @@ class ZstdSerde(Serde):
     def from_options(cls, options: ZstdSerde.Options, config: Any, metadata: Any) -> ZstdSerde:
         return cls(options.level, options.shuffle, options.threads, options.checksum)
 
-    def serialize_parts(self, memory_obj: MemoryObj) -> list[Buffer]:
+    def serialize_parts(self, memory_obj: MemoryObj, key: CacheEngineKey | None = None
+                        ) -> list[Buffer]:
         payload = memory_obj.byte_array
         checksum = payload_checksum(payload, self.checksum)
         header = build_header(memory_obj.get_memory_format(), memory_obj.get_dtype(),
                               memory_obj.get_shape(), payload, self.checksum,
-                              checksum=checksum)
+                              checksum=checksum, key=key)
         dtype = memory_obj.get_dtype()
         itemsize = 1 if dtype is None else dtype.itemsize
         flags = 0
@@ -117,16 +119,22 @@ class ZstdSerde(Serde):
         frame = compressor.compress(source)
         return [header, _ZST_FRAME.pack(_ZST_MAGIC, _ZST_VERSION, flags, len(frame)), frame]
 
-    def serialize(self, memory_obj: MemoryObj) -> bytes:
-        return b"".join(self.serialize_parts(memory_obj))
+    def serialize(self, memory_obj: MemoryObj, key: CacheEngineKey | None = None) -> bytes:
+        return b"".join(self.serialize_parts(memory_obj, key))
 
-    def deserialize(self, data: Buffer, allocator: MemoryAllocatorInterface
+    def max_value_size(self, payload_bytes: int) -> int:
+        # zstandard's bound on a frame (ZSTD_compressBound), plus both headers
+        bound = payload_bytes + (payload_bytes >> 8) + (128 << 10 >> 11) + 512
+        return _ZST_PREFIX + bound
+
+    def deserialize(self, data: Buffer, allocator: MemoryAllocatorInterface,
+                    key: CacheEngineKey | None = None, spec: ChunkSpec | None = None
                     ) -> MemoryObj | None:
         mv = byte_view(data)
         if mv is None or mv.nbytes < _ZST_PREFIX:
             return None
         header = decode_header(mv[:HEADER_SIZE], self.max_payload)
-        if header is None:
+        if header is None or header.problem(key, spec) is not None:
             return None
         magic, version, flags, frame_length = _ZST_FRAME.unpack_from(mv, HEADER_SIZE)
         if magic != _ZST_MAGIC or version != _ZST_VERSION or flags & ~_FLAG_SHUFFLE \

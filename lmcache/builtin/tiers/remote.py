@@ -55,7 +55,7 @@ class UnreachableTransport(RemoteTransport):
     def put(self, name: str, parts: Sequence[Buffer]) -> None:
         self._fail()
 
-    def get(self, name: str) -> Buffer | None:
+    def get(self, name: str, max_bytes: int | None = None) -> Buffer | None:
         return self._fail()
 
     def exists(self, name: str) -> bool:
@@ -112,8 +112,8 @@ class FsspecTransport(RemoteTransport):
     def put(self, name: str, parts: Sequence[Buffer]) -> None:
         self.objects.put(name, parts)
 
-    def get(self, name: str) -> Buffer | None:
-        return self.objects.get(name)
+    def get(self, name: str, max_bytes: int | None = None) -> Buffer | None:
+        return self.objects.get(name, max_bytes)
 
     def exists(self, name: str) -> bool:
         return self.objects.exists(name)

@@ -9,7 +9,7 @@ from lmcache.builtin.tiers.remote import (
     UnreachableTransport,
 )
 from lmcache.kits.remote import (
-    BAD_KEY_TTL_S,
+    BAD_KEYS,
     RemoteBackend,
     RemoteOptions,
     RemoteStats,
@@ -17,7 +17,7 @@ from lmcache.kits.remote import (
 )
 
 __all__ = [
-    "BAD_KEY_TTL_S",
+    "BAD_KEYS",
     "FsspecTransport",
     "RemoteBackend",
     "RemoteOptions",

@@ -14,7 +14,9 @@ branches on it again:
     Any other fsspec file system or object store, through `lmcache.kits.fsspec_objects`.
 
 Reads raise `Miss` for an object that cannot be used (missing, not an lmcache object,
-truncated, corrupt, no room in the allocator); the tier turns that into a miss.
+truncated, corrupt, stored under another key, not this engine's kind of chunk, no room
+in the allocator); the tier turns that into a miss. The key and the chunk spec are
+checked on the header, before anything is allocated.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmcache.abc.memory import MemoryAllocatorInterface, MemoryObj
 from lmcache.kits.checksum import CHECKSUM_BLOCK, PayloadHasher
@@ -38,7 +40,11 @@ from lmcache.kits.object_format import (
     verify_payload,
 )
 
-__all__ = ["MISSING", "FsspecFiles", "LocalFiles", "Miss"]
+if TYPE_CHECKING:
+    from lmcache.abc.storage_backend import ChunkSpec
+    from lmcache.utils import CacheEngineKey
+
+__all__ = ["MISSING", "FsspecFiles", "LocalFiles", "Miss", "check_header"]
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # Linux moves at most this much per read/write system call.
@@ -67,14 +73,20 @@ class Miss(Exception):
 MISSING = "missing"
 
 
-def _check_header(head: memoryview, file_size: int) -> ObjectHeader:
+def check_header(head: memoryview, file_size: int, key: CacheEngineKey | None,
+                 spec: ChunkSpec | None) -> ObjectHeader:
+    """The header of the object of ``key`` whose first bytes are ``head``; `Miss` when
+    the object cannot be that chunk."""
     if file_size == 0:
         raise Miss("empty file")
     header = decode_header(head)
     if header is None:
-        raise Miss("not an lmcache object (bad or foreign header)")
+        raise Miss("not an lmcache object of this version (bad, old or foreign header)")
     if file_size != header.total_size:
         raise Miss(f"size {file_size} bytes, header announces {header.total_size}")
+    problem = header.problem(key, spec)
+    if problem is not None:
+        raise Miss(problem)
     return header
 
 
@@ -100,15 +112,17 @@ class LocalFiles:
 
     # -- writing --------------------------------------------------------------------------
 
-    def write(self, path: str, memory_obj: MemoryObj, checksum: str) -> None:
-        """Write header + payload so that ``path`` appears complete or not at all."""
+    def write(self, path: str, memory_obj: MemoryObj, checksum: str,
+              key: CacheEngineKey | None) -> None:
+        """Write header + payload (stored under ``key``) so that ``path`` appears complete
+        or not at all."""
         payload = memory_obj.byte_array
         tmp = f"{self.root}/{_temp_name()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
         try:
             try:
                 if payload.nbytes <= _PIECE:
-                    header = encode_header(memory_obj, checksum)
+                    header = encode_header(memory_obj, checksum, key)
                     _write_all(fd, [memoryview(header), payload])
                 else:
                     # The payload first, hashed piece by piece alongside; then the header.
@@ -118,7 +132,7 @@ class LocalFiles:
                     digest = self._hash_alongside(payload, checksum, write_piece)
                     header = build_header(
                         memory_obj.get_memory_format(), memory_obj.get_dtype(),
-                        memory_obj.get_shape(), payload, checksum, checksum=digest,
+                        memory_obj.get_shape(), payload, checksum, checksum=digest, key=key,
                     )
                     _pwrite_all(fd, memoryview(header), 0)
                 if self.fsync:
@@ -134,9 +148,20 @@ class LocalFiles:
 
     # -- reading --------------------------------------------------------------------------
 
-    def read(self, path: str, allocator: MemoryAllocatorInterface) -> MemoryObj:
-        """The object at ``path`` in a new memory object from ``allocator``; `Miss` when
-        it cannot be used."""
+    def read_header(self, path: str) -> tuple[bytes, int]:
+        """The first `HEADER_SIZE` bytes of the file at ``path`` and its size; `Miss`
+        when there is none."""
+        try:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise Miss(MISSING, bad=False) from None
+        with f:
+            return f.read(HEADER_SIZE), os.fstat(f.fileno()).st_size
+
+    def read(self, path: str, allocator: MemoryAllocatorInterface,
+             key: CacheEngineKey | None, spec: ChunkSpec | None) -> MemoryObj:
+        """The chunk of ``key`` at ``path`` in a new memory object from ``allocator``;
+        `Miss` when it cannot be used."""
         try:
             f = open(path, "rb", buffering=0)
         except FileNotFoundError:
@@ -145,7 +170,7 @@ class LocalFiles:
             file_size = os.fstat(f.fileno()).st_size
             head = bytearray(HEADER_SIZE)
             got = _readinto_all(f, memoryview(head))
-            header = _check_header(memoryview(head)[:got], file_size)
+            header = check_header(memoryview(head)[:got], file_size, key, spec)
             obj = _allocate(header, allocator)
             try:
 
@@ -223,15 +248,29 @@ class FsspecFiles:
         self.root = objects.root
         objects.makedirs()
 
-    def write(self, path: str, memory_obj: MemoryObj, checksum: str) -> None:
-        self.objects.put(path, [encode_header(memory_obj, checksum), memory_obj.byte_array])
+    def write(self, path: str, memory_obj: MemoryObj, checksum: str,
+              key: CacheEngineKey | None) -> None:
+        self.objects.put(path, [encode_header(memory_obj, checksum, key),
+                                memory_obj.byte_array])
 
-    def read(self, path: str, allocator: MemoryAllocatorInterface) -> MemoryObj:
-        data = self.objects.get(path)
+    def read_header(self, path: str) -> tuple[bytes, int]:
+        try:
+            size = int(self.objects.fs.size(path))
+            head = self.objects.fs.cat_file(path, start=0, end=HEADER_SIZE)
+        except FileNotFoundError:
+            raise Miss(MISSING, bad=False) from None
+        return head, size
+
+    def read(self, path: str, allocator: MemoryAllocatorInterface,
+             key: CacheEngineKey | None, spec: ChunkSpec | None) -> MemoryObj:
+        max_bytes = None if spec is None else HEADER_SIZE + spec.max_payload_bytes
+        data = self.objects.get(path, max_bytes)
         if data is None:
             raise Miss(MISSING, bad=False)
         view = memoryview(data)
-        header = _check_header(view, len(data))
+        if max_bytes is not None and view.nbytes > max_bytes:
+            raise Miss(f"over {max_bytes} bytes, longer than any chunk of this engine")
+        header = check_header(view, view.nbytes, key, spec)
         obj = _allocate(header, allocator)
         try:
             payload = obj.byte_array

@@ -26,12 +26,17 @@ __all__ = ["DiskIndex", "Entry", "Victims"]
 
 class Entry:
     """One stored chunk. Identity matters: a reader that found a bad file drops the key
-    only if the index still holds the entry it read."""
+    only if the index still holds the entry it read.
 
-    __slots__ = ("size",)
+    ``verified``: the file's header was checked (its size, key and kind of chunk) since
+    this process knows it -- true for what it wrote itself, false for what it found at
+    start until a lookup or a read checks it."""
 
-    def __init__(self, size: int) -> None:
+    __slots__ = ("size", "verified")
+
+    def __init__(self, size: int, verified: bool = False) -> None:
         self.size = size
+        self.verified = verified
 
 
 #: Chunks evicted to make room, whose files are still to be deleted.
@@ -156,7 +161,7 @@ class DiskIndex:
         """The write of ``key`` (which reserved ``size``) is complete: the chunk is stored."""
         with self._lock:
             self._reserved_bytes -= size
-            self._entries[key] = Entry(size)
+            self._entries[key] = Entry(size, verified=True)
             self._used_bytes += size
             del self._writing[key]
 

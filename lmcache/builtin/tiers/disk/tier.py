@@ -50,8 +50,8 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field
 
 from lmcache.abc.memory import MemoryFormat, MemoryObj
-from lmcache.abc.storage_backend import StorageBackendInterface, TierContext
-from lmcache.builtin.tiers.disk.files import FsspecFiles, LocalFiles, Miss
+from lmcache.abc.storage_backend import ChunkSpec, StorageBackendInterface, TierContext
+from lmcache.builtin.tiers.disk.files import FsspecFiles, LocalFiles, Miss, check_header
 from lmcache.builtin.tiers.disk.index import DiskIndex, Entry, Victims
 from lmcache.kits.checksum import CHECKSUM_ALGORITHMS
 from lmcache.kits.fsspec_objects import OBJECT_SUFFIX, TEMP_SUFFIX, FsspecObjects
@@ -92,6 +92,8 @@ class LocalDiskBackend(StorageBackendInterface):
             `OnStored`, `OnEvicted`); their exceptions are logged and ignored.
         storage_options: keyword arguments for the fsspec file system (credentials,
             endpoint).
+        chunk_spec: the chunks this tier may admit (`ChunkSpec`); a file of another
+            kind is a miss, found on its header before anything is allocated.
 
     Errors
         Bad arguments raise ``ValueError``. Bad data never raises: it is a miss. A write
@@ -146,6 +148,7 @@ class LocalDiskBackend(StorageBackendInterface):
         on_stored: OnStored | None = None,
         on_evicted: OnEvicted | None = None,
         storage_options: dict[str, Any] | None = None,
+        chunk_spec: ChunkSpec | None = None,
     ) -> None:
         if not max_size_gb > 0:
             raise ValueError(f"max_size_gb must be > 0 (GiB), got {max_size_gb!r}")
@@ -164,6 +167,7 @@ class LocalDiskBackend(StorageBackendInterface):
         self.tier_name = tier_name
         self.on_stored = on_stored
         self.on_evicted = on_evicted
+        self.chunk_spec = chunk_spec
 
         self.fs, root = fsspec.core.url_to_fs(os.fspath(path), **(storage_options or {}))
         self.objects = FsspecObjects(self.fs, root)
@@ -196,6 +200,7 @@ class LocalDiskBackend(StorageBackendInterface):
             tier_name=context.tier_name or "local_disk",
             on_evicted=context.events.evicted,
             storage_options=dict(options.storage_options),
+            chunk_spec=context.chunk_spec,
         )
 
     def __repr__(self) -> str:
@@ -213,7 +218,23 @@ class LocalDiskBackend(StorageBackendInterface):
     # -- index ----------------------------------------------------------------------------
 
     def contains(self, key: CacheEngineKey) -> bool:
-        return key in self.index
+        """Whether ``key`` is stored. A chunk found on disk at start is counted once its
+        header was checked (size, key, kind of chunk): a lookup never counts a file that
+        cannot be this chunk. Damage inside a payload is found when it is read."""
+        entry = self.index.entry(key)
+        if entry is None:
+            return False
+        if entry.verified:
+            return True
+        path = self.key_to_path(key)
+        try:
+            head, size = self.files.read_header(path)
+            check_header(memoryview(head), size, key, self.chunk_spec)
+        except Miss as miss:
+            self._miss(key, entry, path, miss)
+            return False
+        entry.verified = True
+        return True
 
     def exists_in_put_tasks(self, key: CacheEngineKey) -> bool:
         return self.index.is_writing(key)
@@ -337,7 +358,7 @@ class LocalDiskBackend(StorageBackendInterface):
                 return False
             reserved = size
             self._delete_victims(victims)
-            self.files.write(self.key_to_path(key), memory_obj, self.checksum)
+            self.files.write(self.key_to_path(key), memory_obj, self.checksum, key)
             self.index.commit(key, size)
             stored = True
         except Exception as exc:
@@ -369,17 +390,21 @@ class LocalDiskBackend(StorageBackendInterface):
             return None
         path = self.key_to_path(key)
         try:
-            obj = self.files.read(path, self.memory_allocator)
+            obj = self.files.read(path, self.memory_allocator, key, self.chunk_spec)
         except Miss as miss:
-            if miss.bad:
-                self._log("bad", "%s is unusable (%s); treated as a miss and deleted", path,
-                          miss.reason)
-            if miss.drop:
-                self._drop(key, entry, delete_file=miss.bad)
+            self._miss(key, entry, path, miss)
             return None
+        entry.verified = True
         self.index.touch(key, entry)
         self.files.touch(path)
         return obj
+
+    def _miss(self, key: CacheEngineKey, entry: Entry, path: str, miss: Miss) -> None:
+        if miss.bad:
+            self._log("bad", "%s is unusable (%s); treated as a miss and deleted", path,
+                      miss.reason)
+        if miss.drop:
+            self._drop(key, entry, delete_file=miss.bad)
 
     def submit_prefetch_task(self, key: CacheEngineKey) -> Future | None:
         """Load ``key`` on a reader thread; a future of the memory object (or of
@@ -415,9 +440,15 @@ class LocalDiskBackend(StorageBackendInterface):
         shape: Sequence[int] | None = None,
         fmt: MemoryFormat | None = None,
     ) -> MemoryObj | None:
-        """See `load_disk`. Does not consult or change the index."""
+        """See `load_disk`. Does not consult or change the index. The object must have
+        been stored under the key its file is named after."""
+        name = str(path).rstrip("/").rsplit("/", 1)[-1]
         try:
-            obj = self.files.read(path, self.memory_allocator)
+            key = CacheEngineKey.from_string(name.removesuffix(OBJECT_SUFFIX))
+        except ValueError:
+            return None  # not a chunk's name: no key it could have been stored under
+        try:
+            obj = self.files.read(path, self.memory_allocator, key, self.chunk_spec)
         except Miss:
             return None
         if (

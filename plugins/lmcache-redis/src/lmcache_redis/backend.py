@@ -192,8 +192,12 @@ class RedisTransport(RemoteTransport):
                     raise
                 client.nodes_manager.initialize()
 
-    def get(self, name: str) -> Buffer | None:
-        return self.client().get(name)
+    def get(self, name: str, max_bytes: int | None = None) -> Buffer | None:
+        if max_bytes is None:
+            return self.client().get(name)
+        # GETRANGE answers "" for a missing key; a stored value is never empty
+        value = self.client().getrange(name, 0, max_bytes)
+        return value or None
 
     def exists(self, name: str) -> bool:
         return bool(self.client().exists(name))
