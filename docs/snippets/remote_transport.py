@@ -5,10 +5,10 @@ from collections.abc import Sequence
 
 import torch
 
-from lmcache.experimental.config import LMCacheEngineConfig, LMCacheEngineMetadata
-from lmcache.experimental.memory_management import HostMemoryAllocator
 from lmcache.abc.remote_transport import RemoteTransport
 from lmcache.abc.storage_backend import TierContext
+from lmcache.experimental.config import LMCacheEngineConfig, LMCacheEngineMetadata
+from lmcache.experimental.memory_management import HostMemoryAllocator
 from lmcache.kits.remote import RemoteBackend, RemoteOptions
 from lmcache.utils import CacheEngineKey
 
@@ -32,8 +32,11 @@ class DictTransport(RemoteTransport):
         with self._lock:                 # atomic: readers see all of it or nothing
             self._data[name] = value
 
-    def get(self, name: str) -> bytes | None:
-        return self._data.get(name)
+    def get(self, name: str, max_bytes: int | None = None) -> bytes | None:
+        value = self._data.get(name)
+        if value is None or max_bytes is None:
+            return value
+        return value[: max_bytes + 1]    # a longer value comes back cut: too long
 
     def exists(self, name: str) -> bool:
         return name in self._data
@@ -56,10 +59,12 @@ class DictStoreBackend(RemoteBackend):
 
 config = LMCacheEngineConfig(chunk_size=16)
 metadata = LMCacheEngineMetadata("m", 1, 0, "vllm", torch.float32, (1, 2, 16, 1, 4))
+# --8<-- [start:build]
 allocator = HostMemoryAllocator(1 << 20)
 backend = DictStoreBackend.from_options(
     DictStoreBackend.Options(url="dict://docs"), config, metadata,
     TierContext(tier_name="dictstore", memory_allocator=allocator))
+# --8<-- [end:build]
 key = CacheEngineKey("vllm", "m", 1, 0, "ab" * 32)
 obj = allocator.allocate((2, 1, 16, 4), torch.float32)
 obj.tensor.copy_(torch.randn(2, 1, 16, 4))
