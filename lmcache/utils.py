@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -16,9 +17,12 @@ Buffer = bytes | bytearray | memoryview
 _HEX = re.compile(r"[0-9a-f]{16,128}")
 _SAFE_FMT = re.compile(r"[A-Za-z0-9_]{1,32}")
 _DIGITS = re.compile(r"0|[1-9][0-9]{0,8}")
-#: Longest percent-encoded model name: with the other fields and a 128-digit hash, the
-#: string form stays well under the 255-byte file-name limit of common file systems.
+#: Longest percent-encoded model name in a key: with the other fields and a 128-digit
+#: hash, the string form stays well under the 255-byte file-name limit of common file
+#: systems. A longer name (a model served from a deep local path) is shortened.
 MAX_MODEL_CHARS = 96
+#: Of a shortened model name, the encoded characters kept from its end.
+_KEPT_TAIL_CHARS = 48
 
 
 @dataclass(frozen=True, order=True)
@@ -30,6 +34,11 @@ class CacheEngineKey:
     ``fmt@model_name@world_size@worker_id@chunk_hash`` is a single path component for
     any model name: the model name is percent-encoded, so it contains no ``/``, no
     ``@`` and cannot be ``.`` or ``..``. `from_string` parses it back exactly.
+
+    A model name longer than `MAX_MODEL_CHARS` once encoded (a Hugging Face snapshot
+    path, say) is stored in the key shortened to its last characters, ``~`` and 32 hex
+    digits of its sha256: keys stay file names, the same name always gives the same key,
+    and two different names never share one.
     """
 
     fmt: str
@@ -52,8 +61,7 @@ class CacheEngineKey:
         except UnicodeEncodeError:
             raise bad("model_name", "valid Unicode text") from None
         if len(encoded) > MAX_MODEL_CHARS:
-            raise bad("model_name", f"at most {MAX_MODEL_CHARS} characters once percent-encoded "
-                      f"(it is {len(encoded)}), so that chunk keys fit in a file name")
+            object.__setattr__(self, "model_name", _shorten_model(self.model_name))
         if not (_is_int(self.world_size) and self.world_size >= 1):
             raise bad("world_size", "an int >= 1")
         if not (_is_int(self.worker_id) and 0 <= self.worker_id < self.world_size):
@@ -82,6 +90,16 @@ class CacheEngineKey:
         if key.to_string() != s:  # one key, one spelling: no aliases such as %2e or 01
             raise ValueError(f"not a chunk key in canonical form: {s!r}")
         return key
+
+
+def _shorten_model(model_name: str) -> str:
+    digest = hashlib.sha256(model_name.encode("utf-8")).hexdigest()[:32]
+    tail = ""
+    for ch in reversed(model_name):
+        if len(_encode_model(ch + tail)) > _KEPT_TAIL_CHARS:
+            break
+        tail = ch + tail
+    return f"{tail}~{digest}"
 
 
 def _encode_model(model_name: str) -> str:

@@ -77,6 +77,13 @@ class GPUConnectorInterface(ABC):
         so no copy out of it may still be pending on the host side.
         """
 
+    def check_kwargs(self, num_tokens: int, **kwargs: Any) -> None:  # noqa: B027
+        """Check the keyword arguments of a ``store`` or ``retrieve`` of ``num_tokens``
+        tokens before any chunk moves: an unknown keyword, or a missing or malformed
+        tensor, is a ``ValueError`` here -- also when no chunk will be copied (a retrieve
+        that misses). Called once per call, on the serving engine's thread. The default
+        accepts anything."""
+
     @abstractmethod
     def get_shape(self, num_tokens: int) -> torch.Size:
         """The shape of the memory object that holds ``num_tokens`` tokens."""

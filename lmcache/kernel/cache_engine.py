@@ -12,13 +12,14 @@ import torch
 
 from lmcache.abc.gpu_connector import GPUConnectorInterface
 from lmcache.abc.memory import MemoryAllocatorInterface, MemoryFormat
-from lmcache.abc.storage_backend import ChunkSpec
+from lmcache.abc.storage_backend import ChunkSpec, SupportsPinning
 from lmcache.abc.token_database import TokenDatabase, supports_cache_salt
 from lmcache.kernel.config import LMCacheEngineConfig
 from lmcache.kernel.metadata import LMCacheEngineMetadata
 from lmcache.kernel.storage_manager import StorageManager
 from lmcache.plugin.manager import hooks
 from lmcache.plugin.registry import registry
+from lmcache.utils import LogOnce
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,12 @@ class LMCacheEngine:
         self.memory_allocator = memory_allocator
         self.token_database = token_database
         self.gpu_connector = gpu_connector
+        _check_geometry(config, metadata)
         self.engine_id = engine_id or f"lmcache-{id(self):x}"
         self.chunk_spec = _chunk_spec(config, metadata, gpu_connector)
         self.storage_manager = storage_manager or StorageManager.from_config(
             config, metadata, memory_allocator, self.engine_id, self.chunk_spec)
-        self._full_warned = False
+        self._log_full = LogOnce(logger)
         self._closed = False
 
     # -- helpers -------------------------------------------------------------------------------
@@ -68,7 +70,11 @@ class LMCacheEngine:
         if not isinstance(tokens, torch.Tensor):
             raise ValueError(f"tokens must be a 1-D torch.Tensor of token ids, got "
                              f"{type(tokens).__name__}")
+        if tokens.device.type == "meta":
+            raise ValueError("tokens are on the meta device (no data); expected token ids "
+                             "on the CPU or a GPU")
         if cache_salt is not None:
+            _check_salt(cache_salt)
             if not supports_cache_salt(self.token_database):
                 raise ValueError(f"cache_salt needs a token database that supports salts "
                                  f"(lmcache.abc.token_database.SupportsCacheSalt); "
@@ -102,31 +108,74 @@ class LMCacheEngine:
         self._check_open()
         connector = self._connector()
         cache_salt = kwargs.pop("cache_salt", None)
+        chunks = list(self._chunks(tokens, mask, cache_salt))
+        connector.check_kwargs(int(tokens.shape[0]), **kwargs)
         manager = self.storage_manager
         stored: dict[str, list] = defaultdict(lambda: [[], 0, 0])  # tiers done in this call
         started = time.perf_counter()
-        for start, end, key in self._chunks(tokens, mask, cache_salt):
-            if manager.is_stored_or_storing(key):
-                continue
-            obj = manager.allocate(connector.get_shape(end - start), self.metadata.kv_dtype,
-                                   MemoryFormat.KV_BLOB)
-            if obj is None:
-                if not self._full_warned:
-                    self._full_warned = True
-                    logger.warning("CPU memory for the cache is full of chunks in use; "
-                                   "skipping the rest of this store (logged once)")
-                break
-            try:
-                connector.from_gpu(obj, start, end, **kwargs)
-                for tier in manager.put(key, obj, end - start):
-                    _add(stored[tier], key, end - start, obj.get_size())
-            finally:
-                obj.ref_count_down()
+        # The prompt's own chunks in the hot tier stay there until this store ends, so a
+        # prompt larger than the CPU budget never evicts its own prefix (what later
+        # prompts can match). When memory runs out, the newest of its chunks that a lower
+        # tier also took makes room; when none did, the tail is dropped.
+        hot = manager.hot_tier
+        pinning = hot if isinstance(hot, SupportsPinning) else None
+        pinned: list[tuple[Any, bool]] = []  # (key, a lower tier has it), oldest first
+        try:
+            for i, (start, end, key) in enumerate(chunks):
+                if manager.is_stored_or_storing(key):
+                    if pinning is not None and pinning.pin(key):
+                        pinned.append((key, False))
+                    continue
+                shape = connector.get_shape(end - start)
+                obj = manager.allocate(shape, self.metadata.kv_dtype, MemoryFormat.KV_BLOB)
+                while obj is None and pinning is not None:
+                    own = next((j for j in range(len(pinned) - 1, -1, -1) if pinned[j][1]),
+                               None)
+                    if own is None:
+                        break
+                    pinning.unpin(pinned.pop(own)[0])
+                    obj = manager.allocate(shape, self.metadata.kv_dtype,
+                                           MemoryFormat.KV_BLOB)
+                if obj is None:
+                    self._store_stopped(shape, i, len(chunks), bool(pinned))
+                    break
+                try:
+                    connector.from_gpu(obj, start, end, **kwargs)
+                    done, below = manager.put(key, obj, end - start)
+                    for tier in done:
+                        _add(stored[tier], key, end - start, obj.get_size())
+                finally:
+                    obj.ref_count_down()
+                if pinning is not None and pinning.pin(key):
+                    pinned.append((key, below))
+        finally:
+            for key, _ in pinned:
+                pinning.unpin(key)  # type: ignore[union-attr]
         duration = time.perf_counter() - started
         for tier, (keys, num_tokens, num_bytes) in stored.items():
             hooks().lmcache_chunks_stored(
                 engine_id=self.engine_id, tier=tier, keys=keys, num_tokens=num_tokens,
                 num_bytes=num_bytes, duration_s=duration)
+
+    def _store_stopped(self, shape: torch.Size, done: int, total: int, kept: bool) -> None:
+        nbytes = shape.numel() * self.metadata.kv_dtype.itemsize
+        try:
+            capacity = self.memory_allocator.capacity
+        except NotImplementedError:
+            capacity = None
+        if capacity is not None and nbytes > capacity:
+            self._log_full("chunk", "a chunk of %d bytes is larger than the whole CPU memory "
+                           "of the cache (%d bytes, max_local_cpu_size): nothing can be "
+                           "stored; raise max_local_cpu_size or lower chunk_size", nbytes,
+                           capacity)
+        elif kept:
+            self._log_full("prompt", "a prompt of %d chunks does not fit in the CPU memory "
+                           "of the cache (%s bytes, max_local_cpu_size): kept its first %d "
+                           "chunks, the prefix that later prompts can match, and stored no "
+                           "more", total, capacity, done)
+        else:
+            self._log_full("full", "CPU memory for the cache is full of chunks in use; "
+                           "skipping the rest of this store")
 
     @torch.no_grad()
     def retrieve(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
@@ -143,6 +192,7 @@ class LMCacheEngine:
         cache_salt = kwargs.pop("cache_salt", None)
         started = time.perf_counter()
         chunks = list(self._chunks(tokens, mask, cache_salt))
+        connector.check_kwargs(int(tokens.shape[0]), **kwargs)
         ret_mask = torch.zeros(int(tokens.shape[0]), dtype=torch.bool)
         per_tier: dict[str, list] = defaultdict(lambda: [[], 0, 0])
         first = chunks[0][0] if chunks else None
@@ -206,6 +256,24 @@ class LMCacheEngine:
         hooks().lmcache_engine_closing(engine_id=self.engine_id, engine=self)
         self._closed = True
         self.storage_manager.close()
+
+
+def _check_salt(cache_salt: Any) -> None:
+    if not isinstance(cache_salt, str):
+        raise ValueError(f"cache_salt must be a str (or None), got "
+                         f"{type(cache_salt).__name__}")
+    try:
+        cache_salt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("cache_salt must be valid Unicode text (it holds a lone "
+                         "surrogate)") from None
+
+
+def _check_geometry(config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata) -> None:
+    if metadata.kv_shape[2] != config.chunk_size:
+        raise ValueError(f"metadata.kv_shape[2] is {metadata.kv_shape[2]} but chunk_size is "
+                         f"{config.chunk_size}; expected kv_shape = (num_layers, 2, "
+                         "chunk_size, num_kv_heads, head_size)")
 
 
 def _chunk_spec(config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata,

@@ -263,14 +263,17 @@ class StorageManager:
                 self._fault(name, "contains", exc)
         return False
 
-    def put(self, key: CacheEngineKey, memory_obj: MemoryObj, num_tokens: int) -> list[str]:
+    def put(self, key: CacheEngineKey, memory_obj: MemoryObj, num_tokens: int
+            ) -> tuple[list[str], bool]:
         """Write ``memory_obj`` to every tier; the caller keeps its own reference.
 
         Returns the tiers that stored it before returning (the caller reports those in
-        one ``lmcache_chunks_stored`` call per operation); writes still in flight report
-        themselves when they finish.
+        one ``lmcache_chunks_stored`` call per operation; writes still in flight report
+        themselves when they finish), and whether a tier below the hot one took the write
+        (done or in flight): whether the chunk outlives its eviction from the hot tier.
         """
         done_now = []
+        below = False
         for name, tier in self.tiers.items():
             started = time.perf_counter()
             try:
@@ -280,6 +283,7 @@ class StorageManager:
                 continue
             if future is None:
                 continue
+            below = below or name != self.hot_tier_name
             if future.done() and future.exception() is None:
                 done_now.append(name)
                 continue
@@ -287,7 +291,7 @@ class StorageManager:
                 self._pending_puts[future] = None
             future.add_done_callback(self._put_done(name, key, num_tokens,
                                                     memory_obj.get_size(), started))
-        return done_now
+        return done_now, below
 
     def _put_done(self, tier: str, key: CacheEngineKey, num_tokens: int, num_bytes: int,
                   started: float) -> Callable[[Future], None]:

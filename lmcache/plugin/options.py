@@ -11,8 +11,8 @@ options as a ``from_options`` classmethod::
             timeout_s: float = 5.0
 
         @classmethod
-        def from_options(cls, options, config, metadata, **context):
-            return cls(options.url, options.timeout_s, ...)
+        def from_options(cls, options, config, metadata, context):
+            return cls(options.url, options.timeout_s, context.allocator_for(cls), ...)
 
 This module imports nothing heavy (no torch), so configuration tooling can use it.
 """

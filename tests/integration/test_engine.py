@@ -375,7 +375,10 @@ def test_hooks_observe_the_engine(build, tmp_path):
         toks = tokens(3 * CHUNK)
         engine.store(toks, **paged_kwargs(g, 3 * CHUNK))
         engine.storage_manager.flush()
-        engine.retrieve(toks[:CHUNK], **paged_kwargs(g, CHUNK, zero=True))
+        # the CPU tier kept the prompt's first chunk and made room with its second, which
+        # the disk tier holds too (issue 11: a prompt never evicts its own prefix)
+        second = torch.arange(2 * CHUNK) >= CHUNK
+        engine.retrieve(toks[:2 * CHUNK], second, **paged_kwargs(g, 2 * CHUNK, zero=True))
         LMCacheEngineBuilder.destroy("hooked")
     finally:
         pm.unregister(name="test-recorder")

@@ -127,7 +127,7 @@ class DictTransport(RemoteTransport):
         with self.lock:
             self.data[name] = b"".join(bytes(p) for p in parts)
 
-    def get(self, name):
+    def get(self, name, max_bytes=None):
         return self.data.get(name)
 
     def exists(self, name):

@@ -752,13 +752,31 @@ def _fits(model_name: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("name, needle", [
-    ("\u4e2d" * 11, "at most 96 characters once percent-encoded"),
-    ("\ud800", "valid Unicode text"),
-])
-def test_model_names_that_cannot_make_a_file_name_are_refused(name, needle):
-    with pytest.raises(ValueError, match=needle):
-        CacheEngineKey("vllm", name, 1, 0, HEX64)
+def test_model_names_that_are_not_text_are_refused():
+    with pytest.raises(ValueError, match="valid Unicode text"):
+        CacheEngineKey("vllm", "\ud800", 1, 0, HEX64)
+
+
+SNAPSHOT = ("/root/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B-Instruct/"
+            "snapshots/0e9e39f249a16976918f6564b8830bc894c89659")
+
+
+@pytest.mark.parametrize("name", ["\u4e2d" * 11, SNAPSHOT, "x" * 10_000, "/" * 97])
+def test_long_model_names_are_shortened_into_a_file_name(name, tmp_path):
+    key = CacheEngineKey("vllm", name, 1, 0, HEX64)
+    assert len(_encode_model(key.model_name)) <= MAX_MODEL_CHARS
+    assert key == CacheEngineKey("vllm", name, 1, 0, HEX64)  # the same name, the same key
+    assert CacheEngineKey.from_string(key.to_string()) == key
+    (tmp_path / key.to_string()).write_bytes(b"")  # a valid file name
+    other = CacheEngineKey("vllm", name + "2", 1, 0, HEX64)
+    assert other != key and other.to_string() != key.to_string()
+
+
+def test_two_snapshot_paths_that_differ_only_early_get_different_keys():
+    a = CacheEngineKey("vllm", "/a" + SNAPSHOT, 1, 0, HEX64)
+    b = CacheEngineKey("vllm", "/b" + SNAPSHOT, 1, 0, HEX64)
+    assert a.model_name.split("~")[0] == b.model_name.split("~")[0]  # the same tail
+    assert a != b
 
 
 @pytest.mark.parametrize("world_size, worker_id", [(True, 0), (1, False)])

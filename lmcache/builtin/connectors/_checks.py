@@ -17,6 +17,14 @@ if TYPE_CHECKING:
 KVPair = tuple[torch.Tensor, torch.Tensor]
 
 
+def check_known(kwargs: dict[str, Any], accepted: frozenset[str], owner: object) -> None:
+    """Unknown keyword arguments are an error, not silently ignored."""
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"{type(owner).__name__} got unexpected keyword arguments "
+                         f"{unknown}; expected {sorted(accepted)}")
+
+
 def check_dims(hidden_dim_size: int, num_layers: int) -> None:
     for name, value in (("hidden_dim_size", hidden_dim_size), ("num_layers", num_layers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -10,6 +10,7 @@ from pydantic import Field
 from lmcache.abc.gpu_connector import ConnectorContext, GPUConnectorInterface
 from lmcache.abc.memory import MemoryFormat
 from lmcache.builtin.connectors._checks import (
+    check_known,
     check_memory_tensor,
     check_range,
     kv_layers,
@@ -95,8 +96,14 @@ class VLLMCPUBlockConnector(GPUConnectorInterface):
         blocks = -(-num_tokens // self.block_size)
         return torch.Size((self.num_layers, blocks, *self.page_shape()))
 
-    def _prepare(self, memory_obj: MemoryObj, start: int, end: int, kwargs: dict[str, Any],
-                 *, filling: bool) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    KWARGS = frozenset({"kvcaches", "slot_mapping"})
+
+    def check_kwargs(self, num_tokens: int, **kwargs: Any) -> None:
+        check_known(kwargs, self.KWARGS, self)
+        self._caches(kwargs, 0, num_tokens)
+
+    def _caches(self, kwargs: dict[str, Any], start: int, end: int
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
         kvcaches = kv_layers(require(kwargs, "kvcaches", f"{self.num_layers} tensors "
                                     "[num_blocks, num_kv_heads, block_size, 2*head_size]"),
                            self.num_layers)
@@ -124,6 +131,12 @@ class VLLMCPUBlockConnector(GPUConnectorInterface):
             raise ValueError("slot_mapping must be a 1-D integer tensor, got "
                              f"{getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)}")
         check_range(start, end, int(slot_mapping.shape[0]), "slot_mapping length")
+        return list(kvcaches), slot_mapping
+
+    def _prepare(self, memory_obj: MemoryObj, start: int, end: int, kwargs: dict[str, Any],
+                 *, filling: bool) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        kvcaches, slot_mapping = self._caches(kwargs, start, end)
+        first = kvcaches[0]
         if start % self.block_size:
             raise ValueError(f"start={start} is not on a block boundary; expected a multiple "
                              f"of block_size={self.block_size}")

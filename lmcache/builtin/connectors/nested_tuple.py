@@ -12,6 +12,7 @@ from lmcache.abc.memory import MemoryFormat
 from lmcache.builtin.connectors._checks import (
     KVPair,
     check_dims,
+    check_known,
     check_layer,
     check_memory_tensor,
     check_range,
@@ -63,11 +64,16 @@ class VLLMNestedTupleGPUConnector(GPUConnectorInterface):
     def get_shape(self, num_tokens: int) -> torch.Size:
         return torch.Size([2, self.num_layers, num_tokens, self.hidden_dim_size])
 
-    def _prepare(self, memory_obj: MemoryObj, start: int, end: int, kwargs: dict[str, Any],
-                 *, filling: bool) -> tuple[list[KVPair], torch.Tensor]:
+    KWARGS = frozenset({"kvcaches"})
+
+    def check_kwargs(self, num_tokens: int, **kwargs: Any) -> None:
+        check_known(kwargs, self.KWARGS, self)
+        pairs = self._pairs(kwargs)
+        check_range(0, num_tokens, pairs[0][0].shape[0], "the tokens held by kvcaches")
+
+    def _pairs(self, kwargs: dict[str, Any]) -> list[KVPair]:
         kvcaches = require(kwargs, "kvcaches", f"a sequence of {self.num_layers} (K, V) "
                             "pairs of [num_tokens, num_heads, head_size] tensors")
-        tensor = memory_tensor(memory_obj)
         pairs: list[KVPair] = []
         for i, layer in enumerate(kv_layers(kvcaches, self.num_layers)):
             k, v = split_kv(layer, i, stacked_ndims=(3, 4))
@@ -78,6 +84,12 @@ class VLLMNestedTupleGPUConnector(GPUConnectorInterface):
                     f"{self.hidden_dim_size} (hidden_dim_size)")
             check_layer(k, v, i, pairs[0][0] if pairs else k)
             pairs.append((k, v))
+        return pairs
+
+    def _prepare(self, memory_obj: MemoryObj, start: int, end: int, kwargs: dict[str, Any],
+                 *, filling: bool) -> tuple[list[KVPair], torch.Tensor]:
+        tensor = memory_tensor(memory_obj)
+        pairs = self._pairs(kwargs)
         first = pairs[0][0]
         check_range(start, end, first.shape[0], "the tokens held by kvcaches")
         check_memory_tensor(memory_obj, tensor, self.get_shape(end - start), first.dtype,

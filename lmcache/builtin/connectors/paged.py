@@ -12,6 +12,7 @@ from lmcache.abc.gpu_connector import ConnectorContext, GPUConnectorInterface
 from lmcache.abc.memory import MemoryFormat
 from lmcache.builtin.connectors._checks import (
     check_dims,
+    check_known,
     check_layer,
     check_memory_tensor,
     dims_from_metadata,
@@ -146,6 +147,17 @@ class _PagedKVConnector(GPUConnectorInterface):
                 f"slot_mapping[{start}:{end}] contains -1 (a prefix-cached token); expected "
                 "start/end never to overlap the prefix cached by the serving engine")
         return slots.long(), lo == -1
+
+    KWARGS = frozenset({"kvcaches", "slot_mapping"})
+
+    def check_kwargs(self, num_tokens: int, **kwargs: Any) -> None:
+        check_known(kwargs, self.KWARGS, self)
+        flat = self._flat_layers(require(kwargs, "kvcaches", "the paged KV cache"))
+        first = flat[0][0]
+        slot_mapping = require(kwargs, "slot_mapping", "a 1-D integer tensor with one slot "
+                                "(block_id * block_size + offset) per token of the sequence")
+        self._chunk_slots(slot_mapping, 0, num_tokens, first.shape[0], first.device,
+                          allow_skipped=True)
 
     def _prepare(self, memory_obj: MemoryObj, start: int, end: int, kwargs: dict[str, Any],
                  *, filling: bool) -> tuple[list[Any], torch.Tensor, torch.Tensor, bool]:
