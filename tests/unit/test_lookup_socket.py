@@ -328,8 +328,19 @@ def test_implausible_answers_are_misses(shared_tmp, instance):
         fake.close()
 
 
+_before: set[threading.Thread] = set()
+
+
 def _handler_threads() -> int:
-    return sum(t.name == "lmcache-lookup-conn" for t in threading.enumerate())
+    """Connection threads of lookup servers started since `_baseline`."""
+    return sum(t not in _before and (t.name == "lmcache-lookup-conn"
+                                     or "process_request_thread" in t.name)  # socketserver's
+               for t in threading.enumerate())
+
+
+def _baseline() -> None:
+    _before.clear()
+    _before.update(threading.enumerate())
 
 
 def _wait_for(predicate, timeout_s: float) -> float:
@@ -344,24 +355,36 @@ def _wait_for(predicate, timeout_s: float) -> float:
 def test_idle_and_slow_clients_are_dropped_after_the_read_timeout(shared_tmp, instance,
                                                                  monkeypatch):
     monkeypatch.setattr(lookup, "SERVER_READ_TIMEOUT_S", 0.5, raising=False)
-    _wait_for(lambda: _handler_threads() == 0, 5)  # those of earlier tests are gone
+    _baseline()
     server = lookup.LookupServer(instance, FakeEngine())
     remote(server)
     try:
-        idle = socket.socket(socket.AF_UNIX)
-        slow = socket.socket(socket.AF_UNIX)
-        for s in (idle, slow):
+        idle, slow, dribbling = (socket.socket(socket.AF_UNIX) for _ in range(3))
+        for s in (idle, slow, dribbling):
             s.settimeout(5)
             s.connect(server.path)
         slow.sendall(b"\x10\x00\x00\x00")  # half a length prefix, then nothing
-        _wait_for(lambda: _handler_threads() == 2, 2)
+        _wait_for(lambda: _handler_threads() == 3, 2)
         started = time.monotonic()
+        request = lookup._encode(list(range(40)), None)
+        request = struct.pack("<Q", len(request)) + request
+        hung_up = False
+        for i in range(len(request)):  # a byte every 0.1 s: never idle, always late
+            try:
+                dribbling.sendall(request[i:i + 1])
+            except OSError:
+                hung_up = True
+                break
+            time.sleep(0.1)
+            if time.monotonic() - started > 3:
+                break
+        assert hung_up or dribbling.recv(1) == b""
         assert idle.recv(1) == b"" and slow.recv(1) == b""  # hung up on
         dropped_after = time.monotonic() - started
         assert 0.3 < dropped_after < 2.5
         _wait_for(lambda: _handler_threads() == 0, 2)  # their threads are free
-        idle.close()
-        slow.close()
+        for s in (idle, slow, dribbling):
+            s.close()
         # the scheduler's own connection, idle past the timeout, reconnects unnoticed
         client = lookup.LookupClient(instance, timeout_s=2)
         assert client.lookup(list(range(40)), None) == 40
@@ -376,7 +399,7 @@ def test_idle_and_slow_clients_are_dropped_after_the_read_timeout(shared_tmp, in
 def test_handler_threads_are_capped(shared_tmp, instance, monkeypatch):
     monkeypatch.setattr(lookup, "SERVER_READ_TIMEOUT_S", 0.5, raising=False)
     monkeypatch.setattr(lookup, "MAX_HANDLERS", 2, raising=False)
-    _wait_for(lambda: _handler_threads() == 0, 5)
+    _baseline()
     server = lookup.LookupServer(instance, FakeEngine())
     remote(server)
     idle = [socket.socket(socket.AF_UNIX) for _ in range(4)]

@@ -143,9 +143,14 @@ def _send(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(struct.pack("<Q", len(payload)) + payload)
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+def _recv_exactly(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     buf = bytearray()
     while len(buf) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("lookup peer too slow")
+            sock.settimeout(left)
         piece = sock.recv(n - len(buf))
         if not piece:
             raise ConnectionError("lookup peer closed the connection")
@@ -153,11 +158,12 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _recv(sock: socket.socket) -> bytes:
-    (n,) = struct.unpack("<Q", _recv_exactly(sock, 8))
+def _recv(sock: socket.socket, deadline: float | None = None) -> bytes:
+    """One message; all of it by ``deadline`` (`time.monotonic`) when one is given."""
+    (n,) = struct.unpack("<Q", _recv_exactly(sock, 8, deadline))
     if n > _MAX_MESSAGE:
         raise ValueError(f"lookup message of {n} bytes; expected at most {_MAX_MESSAGE}")
-    return _recv_exactly(sock, n)
+    return _recv_exactly(sock, n, deadline)
 
 
 def _encode(tokens: Sequence[int], cache_salt: str | None) -> bytes:
@@ -198,7 +204,8 @@ _HANDLER_THREAD = "lmcache-lookup-conn"
 
 class _UnixServer(socketserver.UnixStreamServer):
     """A thread per connection, at most ``max_handlers`` at once; each connection is
-    dropped when its client sends nothing for ``read_timeout_s``; only our uid is served."""
+    dropped when its client does not send a whole request within ``read_timeout_s``
+    (idle, or slow); only our uid is served."""
 
     request_queue_size = LISTEN_BACKLOG
 
@@ -245,7 +252,7 @@ class _UnixServer(socketserver.UnixStreamServer):
 
     def _serve_connection(self, request, client_address) -> None:
         try:
-            request.settimeout(self.read_timeout_s)
+            request.settimeout(self.read_timeout_s)  # the handler narrows it per message
             self.finish_request(request, client_address)
         except Exception:
             self.handle_error(request, client_address)
@@ -300,8 +307,8 @@ class LookupServer:
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 while True:
-                    try:
-                        data = _recv(self.request)
+                    try:  # the next request, whole, within the read timeout
+                        data = _recv(self.request, time.monotonic() + read_timeout_s)
                     except (ConnectionError, OSError, ValueError, struct.error):
                         return  # closed, idle or slow past the read timeout, or garbage
                     try:
