@@ -157,7 +157,7 @@ class LMCacheEngineConfig(BaseModel):
     The constructor also accepts the seed's fields positionally, in the seed's order.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     SEED_FIELDS: ClassVar[tuple[str, ...]] = (
         "chunk_size", "local_cpu", "max_local_cpu_size", "local_disk", "max_local_disk_size",
@@ -169,7 +169,8 @@ class LMCacheEngineConfig(BaseModel):
     chunk_size: int = Field(256, gt=0, description="Tokens per chunk; the unit of storage.")
     local_cpu: bool = Field(True, description="Keep chunks in the local CPU memory tier.")
     max_local_cpu_size: float = Field(
-        5.0, ge=0, description="Size of the CPU memory tier and its allocator, in GB (GiB).")
+        5.0, gt=0, description="Size of the CPU memory tier and its allocator, in GB (GiB); "
+        "every chunk in flight lives there, so it must be > 0.")
     local_disk: str | None = Field(
         None, description="Directory or fsspec URL of the disk tier (`file:///path`, "
         "`memory://x`, `s3://bucket/prefix`); null disables the tier.")
@@ -237,6 +238,13 @@ class LMCacheEngineConfig(BaseModel):
         issues = self._check()
         if issues:
             raise ConfigError(issues)
+
+    @field_validator("chunk_size", "blend_min_tokens", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("expected an integer, not a boolean")
+        return value
 
     @field_validator("allocator", "token_database", "gpu_connector", mode="before")
     @classmethod

@@ -49,6 +49,8 @@ def check_mask(mask: torch.Tensor | None, num_tokens: int, chunk_size: int) -> i
         return 0
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"mask must be a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
     if mask.dim() != 1 or mask.shape[0] != num_tokens:
         raise ValueError(
             f"mask must be 1-D with one entry per token ({num_tokens}), "

@@ -251,7 +251,7 @@ def test_agreeing_flat_fields_and_selections(tmp_path, tiers):
     ("remote_url", "localhost:6379", "scheme://"),
     ("blend_recompute_ratio", 2.0, "less than or equal to 1"),
     ("chunk_size", 0, "greater than 0"),
-    ("max_local_cpu_size", -1, "greater than or equal to 0"),
+    ("max_local_cpu_size", -1, "greater than 0"),
 ])
 def test_bad_flat_values(field, value, needle):
     with pytest.raises(ConfigError) as info:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import operator
+import os
 import threading
 import warnings
 from typing import Any
@@ -56,9 +57,29 @@ def _reserve_region(size: int, *, pin_memory: bool = False, device: str = "cpu")
         raise ValueError(f"size must be a non-negative int (bytes), got {size}")
     align = TensorMemoryAllocator.ALIGN_BYTES
     usable = size // align * align
-    region = torch.empty(usable + align, dtype=torch.uint8, device=device, pin_memory=pin_memory)
+    if device == "cpu":
+        physical = _physical_memory()
+        if physical is not None and usable > physical:
+            raise ValueError(f"cannot reserve {usable / 1024**3:.1f} GiB of host memory for "
+                             f"the cache: this machine has {physical / 1024**3:.1f} GiB; "
+                             "expected a smaller max_local_cpu_size")
+    try:
+        region = torch.empty(usable + align, dtype=torch.uint8, device=device,
+                             pin_memory=pin_memory)
+    except (RuntimeError, MemoryError) as exc:  # torch's OOM errors derive from these
+        raise ValueError(f"cannot reserve {usable / 1024**3:.2f} GiB of "
+                         f"{'page-locked ' if pin_memory else ''}{device} memory for the "
+                         f"cache ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                         "expected a size this machine can hold (max_local_cpu_size)") from None
     skip = (-region.data_ptr()) % align
     return region[skip : skip + usable]
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _prefault(region: torch.Tensor) -> None:

@@ -111,7 +111,8 @@ def test_metrics_follow_a_real_engine(endpoint, tmp_path):
         assert value(s, "lmcache_stored_tokens_total", engine_id=eid, tier=tier) == 3 * CHUNK
         assert value(s, "lmcache_stored_bytes_total", engine_id=eid, tier=tier) \
             == 3 * CHUNK_BYTES
-    # the CPU budget holds two chunks: the third store evicted the first
+    # the CPU budget holds two chunks: the third made room with the second, which the
+    # disk holds too (a prompt never evicts its own prefix)
     assert value(s, "lmcache_evicted_chunks_total", engine_id=eid, tier="local_cpu") == 1
     assert value(s, "lmcache_evicted_bytes_total", engine_id=eid, tier="local_cpu") \
         == CHUNK_BYTES
@@ -130,7 +131,8 @@ def test_metrics_follow_a_real_engine(endpoint, tmp_path):
 
     assert engine.lookup(toks) == 3 * CHUNK
     assert engine.lookup(tokens(2 * CHUNK, seed=2)) == 0
-    hit = engine.retrieve(toks[:CHUNK], **kv(CHUNK, zero=True))  # evicted: from disk
+    second = torch.arange(2 * CHUNK) >= CHUNK  # the evicted chunk: from disk
+    hit = engine.retrieve(toks[:2 * CHUNK], second, **kv(2 * CHUNK, zero=True))[CHUNK:]
     assert hit.all()
     missed = engine.retrieve(tokens(CHUNK, seed=3), **kv(CHUNK, zero=True))
     assert not missed.any()
@@ -165,7 +167,7 @@ def test_metrics_follow_a_real_engine(endpoint, tmp_path):
                  operation="contains") == 1
 
     # the promoted chunk is served from the CPU tier now
-    engine.retrieve(toks[:CHUNK], **kv(CHUNK, zero=True))
+    engine.retrieve(toks[:2 * CHUNK], second, **kv(2 * CHUNK, zero=True))
     s = scrape()
     assert value(s, "lmcache_retrieved_chunks_total", engine_id=eid, tier="local_cpu") == 1
     assert value(s, "lmcache_retrieved_tokens_total", engine_id=eid, tier="local_cpu") \
