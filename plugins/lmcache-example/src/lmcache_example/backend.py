@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from lmcache.abc.memory import MemoryFormat
-from lmcache.abc.storage_backend import StorageBackendInterface, TierContext
+from lmcache.abc.storage_backend import StorageBackendInterface, TierContext, TierEvents
 from lmcache.plugin.options import PluginOptions
 
 
@@ -22,9 +22,11 @@ class InMemoryBackend(StorageBackendInterface):
     class Options(PluginOptions):
         max_entries: int = Field(1024, gt=0, description="Chunks kept before LRU eviction.")
 
-    def __init__(self, allocator: Any, max_entries: int = 1024):
+    def __init__(self, allocator: Any, max_entries: int = 1024,
+                 events: TierEvents | None = None):
         self._allocator = allocator
         self._max_entries = max_entries
+        self._events = events or TierEvents()  # evictions end in lmcache_chunks_evicted
         self._lock = threading.Lock()
         self._data: OrderedDict[Any, tuple[bytes, torch.Size, torch.dtype, MemoryFormat]] = \
             OrderedDict()
@@ -32,7 +34,7 @@ class InMemoryBackend(StorageBackendInterface):
     @classmethod
     def from_options(cls, options: Options, config: Any, metadata: Any,
                      context: TierContext) -> InMemoryBackend:
-        return cls(context.allocator_for(cls), options.max_entries)
+        return cls(context.allocator_for(cls), options.max_entries, context.events)
     # --8<-- [end:component]
 
     def contains(self, key: Any) -> bool:
@@ -45,11 +47,14 @@ class InMemoryBackend(StorageBackendInterface):
     def submit_put_task(self, key: Any, memory_obj: Any) -> Future | None:
         record = (bytes(memory_obj.byte_array), memory_obj.get_shape(),
                   memory_obj.get_dtype(), memory_obj.get_memory_format())
+        evicted = []
         with self._lock:
             self._data[key] = record
             self._data.move_to_end(key)
             while len(self._data) > self._max_entries:
-                self._data.popitem(last=False)
+                evicted.append(self._data.popitem(last=False))
+        if evicted:
+            self._events.evicted([k for k, _ in evicted], sum(len(r[0]) for _, r in evicted))
         done: Future = Future()
         done.set_result(None)
         return done
