@@ -9,18 +9,28 @@ so that they agree on what "visible only once complete" means on each kind of st
 * **file systems** (``file://``, ``memory://``, ``sftp://``, ...): the object is
   written under a temporary name ``.<random>.kvtmp`` in the same directory and renamed
   into place.
+
+With ``timeout_s``, the calls to an asynchronous file system (s3fs, gcsfs, adlfs, ...)
+that put an object in one upload, get, look up or delete one are cancelled after that
+long (fsspec's ``sync(..., timeout=)``: the request is aborted, its connection closed
+and its buffers released) and raise `TimeoutError`. `url_syntax_problem` says what in a
+URL fsspec or an object store's implementation would read as syntax rather than as a
+part of the path.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from lmcache.utils import Buffer
 
-__all__ = ["OBJECT_STORE_PROTOCOLS", "OBJECT_SUFFIX", "TEMP_SUFFIX", "FsspecObjects"]
+__all__ = ["OBJECT_STORE_PROTOCOLS", "OBJECT_SUFFIX", "TEMP_SUFFIX", "FsspecObjects",
+           "url_syntax_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,21 +44,62 @@ OBJECT_STORE_PROTOCOLS = frozenset(
 )
 
 
+def url_syntax_problem(url: str) -> str | None:
+    """What in ``url`` would not be read as a plain path, or ``None`` if nothing.
+
+    ``::`` chains fsspec URLs (``simplecache::s3://...``): every call of such a
+    "file system" fails. In an object store's URL, ``?`` and ``#`` are not part of the
+    key: s3fs reads ``?versionId=`` as an object version (every chunk would be the same
+    object), and other stores have their own query and fragment syntax.
+    """
+    if "::" in url:
+        return "'::' (fsspec URL chaining) is not supported"
+    protocol, sep, path = url.partition("://")
+    if sep and protocol.lower() in OBJECT_STORE_PROTOCOLS:
+        for char in ("?", "#"):
+            if char in path:
+                return (f"{char!r} in an object store's path is read as syntax, not as a "
+                        "part of the key")
+    return None
+
+
 class FsspecObjects:
     """Objects under ``root`` of the fsspec file system ``fs``.
 
     Every method takes a full path in ``fs`` (``root`` joined with a name). Errors of the
     file system propagate, except that a missing object is ``None`` (`get`) or ``False``
-    (`exists`, `delete`).
+    (`exists`, `delete`). With ``timeout_s``, `put` (on an object store), `get`,
+    `exists` and `delete` of an asynchronous file system end within about that long
+    (`TimeoutError` otherwise).
     """
 
-    def __init__(self, fs: Any, root: str) -> None:
+    def __init__(self, fs: Any, root: str, timeout_s: float | None = None) -> None:
         self.fs = fs
         self.root = root.rstrip("/") or "/"
         protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
         #: Whether a put is one atomic upload (an object store) rather than write + rename.
         self.atomic_put = bool(OBJECT_STORE_PROTOCOLS.intersection(protocols))
+        #: The longest one method takes on an asynchronous file system (None: unbounded).
+        self.timeout_s = timeout_s if timeout_s and getattr(fs, "async_impl", False) else None
         self._made_dirs = False
+
+    def _run(self, method: str, *args: Any, deadline: float | None = None,
+             **kwargs: Any) -> Any:
+        """``fs.<method>(*args, **kwargs)``, cancelled at ``deadline`` (or after
+        ``timeout_s``) on an asynchronous file system."""
+        if self.timeout_s is not None:
+            coroutine = getattr(self.fs, f"_{method}", None)
+            if inspect.iscoroutinefunction(coroutine):
+                from fsspec.asyn import sync
+
+                timeout = (self.timeout_s if deadline is None else
+                           max(deadline - time.monotonic(), 0.001))
+                try:
+                    return sync(self.fs.loop, coroutine, *args, timeout=timeout, **kwargs)
+                except TimeoutError as exc:  # fsspec's FSTimeoutError has no message
+                    raise TimeoutError(f"{method} {args[0] if args else ''} took longer "
+                                       f"than {timeout:.3g} s; cancelled") from exc
+        return getattr(self.fs, method)(*args, **kwargs)
 
     def path(self, name: str) -> str:
         """The full path of ``name`` under the root."""
@@ -64,7 +115,7 @@ class FsspecObjects:
         """Store the concatenation of ``parts`` at ``path`` so that it appears complete
         or not at all."""
         if self.atomic_put:
-            self.fs.pipe_file(path, parts[0] if len(parts) == 1 else b"".join(parts))
+            self._run("pipe_file", path, parts[0] if len(parts) == 1 else b"".join(parts))
             return
         self.makedirs()
         tmp = self.path(f".{uuid.uuid4().hex}{TEMP_SUFFIX}")
@@ -82,15 +133,15 @@ class FsspecObjects:
         if there is none."""
         try:
             if max_bytes is None:
-                return self.fs.cat_file(path)
-            return self.fs.cat_file(path, start=0, end=max_bytes + 1)
+                return self._run("cat_file", path)
+            return self._run("cat_file", path, start=0, end=max_bytes + 1)
         except FileNotFoundError:
             return None
 
-    def exists(self, path: str) -> bool:
+    def exists(self, path: str, deadline: float | None = None) -> bool:
         """Whether an object (a file, not a directory) is at ``path``."""
         try:
-            info = self.fs.info(path)
+            info = self._run("info", path, deadline=deadline)
         except FileNotFoundError:
             return False
         return info.get("type") == "file"
@@ -101,10 +152,11 @@ class FsspecObjects:
         An object store's DELETE of a missing object succeeds, so there the object is
         looked up first (found by the conformance kit against SeaweedFS).
         """
-        if self.atomic_put and not self.exists(path):
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        if self.atomic_put and not self.exists(path, deadline):
             return False
         try:
-            self.fs.rm_file(path)
+            self._run("rm_file", path, deadline=deadline)
         except FileNotFoundError:
             return False
         return True

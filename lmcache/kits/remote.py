@@ -26,10 +26,22 @@ Asynchronous puts
     hook. A write that fails carries its exception in its future, which the storage
     manager reports to the ``lmcache_storage_error`` hook.
 Bounded waits
-    Every remote call that a caller waits for (`contains`, `get_blocking`,
-    `remove`) runs on the backend's own threads and is abandoned after ``timeout_s``
-    (a late result is released when it arrives). Transports also set their own socket
-    timeouts to ``timeout_s``, so prefetches and writes end in bounded time too.
+    Every call ends within `RemoteBackend.bound_s` = ``timeout_s`` + `BOUND_SLACK_S`
+    (0.5 s), whatever the store does (refuses connections, freezes, restarts, answers
+    slowly): `contains`, `get_blocking` and `remove` run the remote call on an I/O
+    thread and stop waiting after ``timeout_s``; the future of `submit_prefetch_task`
+    is resolved (with ``None``) ``timeout_s`` after the call at the latest, by a deadline
+    watcher; `submit_put_task` returns at once, and its future fails (the put counted
+    as dropped) ``timeout_s`` after its write started, if the write has not ended;
+    `close` waits at most ``timeout_s`` for pending writes, then gives up on them
+    (dropped). A result that arrives after its caller gave up is released. An
+    abandoned call keeps its thread until the transport returns; another thread takes
+    its place (at most ``num_workers`` such spares per pool), and every thread is a
+    daemon, so that a hung call never blocks later calls or the exit of the process.
+    A write keeps its chunk's memory until its transport call returns (the transport
+    may still be reading it): transports bound their own calls (socket, connect and
+    read timeouts of ``timeout_s``; the fsspec transport cancels a call after
+    ``timeout_s``), and writes still queued when the store fails are dropped at once.
 Outages
     A failed or timed-out call marks the store *unavailable* for a back-off interval
     (``retry_interval_s``, doubling on every consecutive failure up to
@@ -64,13 +76,17 @@ A distribution that serves a URL scheme in ``remote_url`` claims it in the
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -90,6 +106,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BAD_KEYS",
+    "BOUND_SLACK_S",
     "RemoteBackend",
     "RemoteOptions",
     "RemoteStats",
@@ -102,6 +119,11 @@ T = TypeVar("T")
 
 #: How long a key whose value could not be decoded is treated as absent.
 BAD_KEYS = 65536
+#: What every call may take beyond ``timeout_s`` (`RemoteBackend.bound_s`): thread
+#: hand-offs, the deadline watcher, observers, closing the transport.
+BOUND_SLACK_S = 0.5
+#: The longest `RemoteBackend.close` waits for the transport's own ``close``.
+_CLOSE_TRANSPORT_S = 0.25
 
 
 def redact_url(url: str) -> str:
@@ -117,9 +139,8 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + netloc))
 
 
-
 # ---------------------------------------------------------------------------------------
-# The backend: threads, bounds, outages, serde
+# Counters and options
 # ---------------------------------------------------------------------------------------
 
 
@@ -168,11 +189,239 @@ class RemoteOptions(PluginOptions):
                             "are remembered locally, so a lookup needs no round trip.")
 
 
+# ---------------------------------------------------------------------------------------
+# Threads that never block: a pool of daemon threads, a deadline watcher
+# ---------------------------------------------------------------------------------------
+
+
+class _DaemonPool:
+    """A thread pool of daemon threads whose stuck threads are replaced.
+
+    Like ``ThreadPoolExecutor`` (`submit` returns a `Future`; a queued future that is
+    cancelled never runs), with two differences that a remote tier needs: the threads
+    are daemons, so that a call hung in a transport does not keep the process from
+    exiting (the interpreter joins every ``ThreadPoolExecutor`` thread at exit); and
+    `abandon` tells the pool that nobody waits for a running call any more, so that
+    another thread serves the queue meanwhile: at most ``workers`` threads serve it, and
+    at most ``spares`` more may be stuck in abandoned calls.
+    """
+
+    def __init__(self, workers: int, spares: int, name: str) -> None:
+        self._workers = workers
+        self._limit = workers + spares
+        self._name = name
+        self._tasks: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple] | None] = (
+            queue.SimpleQueue())
+        self._lock = threading.Lock()
+        self._serving = 0  # threads that take tasks from the queue
+        self._threads = 0  # every thread, stuck ones included
+        self._running: dict[Future, bool] = {}  # running task -> abandoned
+        self._count = itertools.count()
+        self._closed = False
+
+    @property
+    def threads(self) -> int:
+        """Threads alive now, stuck ones included."""
+        with self._lock:
+            return self._threads
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit to a closed pool")
+            self._tasks.put((future, fn, args))
+            self._grow()
+        return future
+
+    def _grow(self) -> None:  # under the lock
+        if self._serving < self._workers and self._threads < self._limit:
+            self._serving += 1
+            self._threads += 1
+            threading.Thread(target=self._work, name=f"{self._name}_{next(self._count)}",
+                             daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._tasks.get()
+            if item is None:  # closed
+                with self._lock:
+                    self._serving -= 1
+                    self._threads -= 1
+                return
+            if not self._run(*item):
+                return
+            item = None  # hold nothing while idle
+
+    def _run(self, future: Future, fn: Callable[..., Any], args: tuple) -> bool:
+        """Run one task; returns whether this thread goes on serving the queue."""
+        if not future.set_running_or_notify_cancel():
+            return True
+        with self._lock:
+            self._running[future] = False
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        with self._lock:
+            if not self._running.pop(future, False):
+                return True
+            # abandoned: another thread took this one's place; rejoin only if needed
+            if self._closed or self._serving >= self._workers:
+                self._threads -= 1
+                return False
+            self._serving += 1
+            return True
+
+    def abandon(self, future: Future) -> None:
+        """Nobody waits for ``future`` any more: cancel it if it has not started, else
+        let another thread serve the queue while its call goes on."""
+        if future.cancel():
+            return
+        with self._lock:
+            if self._running.get(future) is False:
+                self._running[future] = True
+                self._serving -= 1
+                if not self._closed:
+                    self._grow()
+
+    def shutdown(self) -> None:
+        """Cancel the tasks that have not started and let idle threads end; waits for
+        nothing (threads in running calls end when their calls return)."""
+        with self._lock:
+            self._closed = True
+            threads = self._threads
+        while True:
+            try:
+                item = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in range(threads):
+            self._tasks.put(None)
+
+
+class _Deadlines:
+    """One daemon thread that calls ``fn(False)`` at each deadline given to `at`, unless
+    it was cancelled; `close` calls the pending ones at once with ``fn(True)``.
+    Callbacks must be quick."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._cond = threading.Condition()
+        self._heap: list[list[Any]] = []  # [when, seq, fn or None when cancelled]
+        self._count = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def at(self, when: float, fn: Callable[[bool], None]) -> list[Any] | None:
+        """Call ``fn`` at ``when`` (`time.monotonic`); returns a handle for `cancel`."""
+        entry: list[Any] | None = [when, next(self._count), fn]
+        with self._cond:
+            closed = self._closed
+            if closed:
+                entry = None
+            else:
+                heapq.heappush(self._heap, entry)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._watch, name=self._name,
+                                                    daemon=True)
+                    self._thread.start()
+                elif self._heap[0] is entry:  # the earliest now: wake the watcher
+                    self._cond.notify()
+        if closed:
+            _call_quietly(fn, True)
+        return entry
+
+    def cancel(self, entry: list[Any] | None) -> None:
+        """The deadline of ``entry`` is not needed any more (drops its references)."""
+        if entry is not None:
+            with self._cond:
+                entry[2] = None
+
+    def _watch(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        return
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now:
+                        fn = heapq.heappop(self._heap)[2]
+                        if fn is None:
+                            continue
+                        break
+                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+            _call_quietly(fn, False)
+            fn = None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            pending = [entry[2] for entry in sorted(self._heap) if entry[2] is not None]
+            self._heap.clear()
+            self._cond.notify()
+        for fn in pending:
+            _call_quietly(fn, True)
+
+
+def _call_quietly(fn: Callable[[bool], None], closing: bool) -> None:
+    try:
+        fn(closing)
+    except Exception:
+        logger.exception("a remote tier's deadline callback failed")
+
+
+class _Attempt:
+    """One remote call that a caller may give up on (``abandoned``): its late outcome is
+    then not counted (no failure, no success, no hit) and a late object is released."""
+
+    __slots__ = ("abandoned",)
+
+    def __init__(self) -> None:
+        self.abandoned = False
+
+
+class _Write(_Attempt):
+    """A put from `RemoteBackend.submit_put_task` until its future is settled."""
+
+    __slots__ = ("key", "obj", "future", "task", "deadline")
+
+    def __init__(self, key: CacheEngineKey, obj: MemoryObj) -> None:
+        super().__init__()
+        self.key = key
+        self.obj = obj
+        self.future: Future = Future()  # what the caller gets
+        self.future.set_running_or_notify_cancel()
+        self.task: Future | None = None  # the write on a writer thread
+        self.deadline: list[Any] | None = None  # its `_Deadlines` entry, once started
+
+
+def _settle(future: Future, result: Any = None, exc: BaseException | None = None) -> bool:
+    """Resolve ``future`` unless it is resolved already; returns whether this did."""
+    try:
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
+    except InvalidStateError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# The backend: threads, bounds, outages, serde
+# ---------------------------------------------------------------------------------------
+
+
 class RemoteBackend(StorageBackendInterface):
     """A storage tier in a remote store, over a `RemoteTransport` and a `Serde`.
 
     See the module documentation for the behaviour; in short: asynchronous puts, every
-    wait bounded by ``timeout_s``, an unavailable store is a miss (and puts are dropped)
+    call bounded by `bound_s`, an unavailable store is a miss (and puts are dropped)
     without exceptions, back-off and automatic reconnection, self-describing values.
 
     Subclasses for one kind of store build a transport and call this constructor; a
@@ -220,7 +469,7 @@ class RemoteBackend(StorageBackendInterface):
 
         self._lock = threading.Lock()
         self._stats = RemoteStats()
-        self._put_tasks: dict[CacheEngineKey, MemoryObj] = {}
+        self._put_tasks: dict[CacheEngineKey, _Write] = {}
         self._known: OrderedDict[CacheEngineKey, None] = OrderedDict()
         self._known_max = known_keys
         self._bad: OrderedDict[CacheEngineKey, None] = OrderedDict()  # oldest first
@@ -229,8 +478,9 @@ class RemoteBackend(StorageBackendInterface):
         self._consecutive_failures = 0
         self._log_once = LogOnce(logger, f"{tier_name} ({transport.description}): ")
         self._closed = False
-        self._writers = ThreadPoolExecutor(num_workers, thread_name_prefix=f"{tier_name}-w")
-        self._io = ThreadPoolExecutor(num_workers, thread_name_prefix=f"{tier_name}-io")
+        self._writers = _DaemonPool(num_workers, num_workers, f"{tier_name}-w")
+        self._io = _DaemonPool(num_workers, num_workers, f"{tier_name}-io")
+        self._deadlines = _Deadlines(f"{tier_name}-deadlines")
 
     @classmethod
     def from_transport(cls, transport: RemoteTransport, options: RemoteOptions, config: Any,
@@ -253,6 +503,12 @@ class RemoteBackend(StorageBackendInterface):
         return f"{type(self).__name__}({self.tier_name!r}, {self.transport.description!r})"
 
     @property
+    def bound_s(self) -> float:
+        """The longest any call of this tier takes, or any of its futures stays pending
+        once its remote call started: ``timeout_s`` + `BOUND_SLACK_S`."""
+        return self.timeout_s + BOUND_SLACK_S
+
+    @property
     def stats(self) -> RemoteStats:
         """A snapshot of the tier's counters."""
         with self._lock:
@@ -271,7 +527,8 @@ class RemoteBackend(StorageBackendInterface):
             setattr(self._stats, counter, getattr(self._stats, counter) + n)
 
     def _failed(self, operation: str, exc: BaseException) -> None:
-        """A call failed or timed out: the store is unavailable for a back-off interval."""
+        """A call failed or timed out: the store is unavailable for a back-off interval,
+        and the writes that have not started yet are dropped."""
         now = time.monotonic()
         with self._lock:
             self._stats.failures += 1
@@ -285,6 +542,9 @@ class RemoteBackend(StorageBackendInterface):
                 self._known.clear()  # the store may come back empty
             went_down = self._consecutive_failures == 0  # not one per back-off interval
             self._consecutive_failures += 1
+            queued = [w.task for w in self._put_tasks.values() if w.task is not None]
+        for task in queued:  # they would be dropped when they start; drop them now
+            task.cancel()
         if operation != "put":  # a failed write is reported through its future
             call_observer(logger, self.on_error, _HOOK_OPERATIONS.get(operation, operation),
                           exc)
@@ -293,11 +553,15 @@ class RemoteBackend(StorageBackendInterface):
             self._log_once("outage", "%s failed (%s: %s); lookups are misses and puts are "
                            "dropped until it answers again", operation,
                            type(exc).__name__, exc)
-            try:
-                self.transport.reset()
-            except Exception as reset_exc:
-                logger.debug("%s: reset after a failure failed: %s", self.tier_name,
-                             reset_exc)
+            # on a thread of its own: a transport's reset must not hold up this call
+            threading.Thread(target=self._reset_transport, daemon=True,
+                             name=f"{self.tier_name}-reset").start()
+
+    def _reset_transport(self) -> None:
+        try:
+            self.transport.reset()
+        except Exception as reset_exc:
+            logger.debug("%s: reset after a failure failed: %s", self.tier_name, reset_exc)
 
     def _succeeded(self) -> None:
         if not self._consecutive_failures:
@@ -313,12 +577,13 @@ class RemoteBackend(StorageBackendInterface):
                         self.transport.description)
 
     def _call(self, operation: str, fn: Callable[..., T], *args: Any,
-              release_late: bool = False) -> T:
+              attempt: _Attempt | None = None, release_late: bool = False) -> T:
         """``fn(*args)`` on an I/O thread, waited for at most ``timeout_s``.
 
         Raises `RemoteUnavailable` when the store is unavailable, the call failed or it
-        timed out (then the store is marked unavailable). A result that arrives after the
-        deadline is released if ``release_late`` (a memory object).
+        timed out (then the store is marked unavailable, and ``attempt`` abandoned). A
+        result that arrives after the deadline is released if ``release_late`` (a memory
+        object).
         """
         if not self.available:
             raise RemoteUnavailable("in back-off after a failure")
@@ -329,11 +594,16 @@ class RemoteBackend(StorageBackendInterface):
         try:
             result = future.result(timeout=self.timeout_s)
         except FutureTimeout:
+            if attempt is not None:
+                attempt.abandoned = True
+            self._io.abandon(future)
             if release_late:
                 future.add_done_callback(_release_result)
             exc = TimeoutError(f"no answer within {self.timeout_s:g} s")
             self._failed(operation, exc)
             raise RemoteUnavailable(str(exc)) from None
+        except CancelledError:  # the tier was closed meanwhile
+            raise RemoteUnavailable("the tier is closed") from None
         except Exception as exc:
             self._failed(operation, exc)
             raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from exc
@@ -393,6 +663,15 @@ class RemoteBackend(StorageBackendInterface):
             return key in self._put_tasks
 
     def submit_put_task(self, key: CacheEngineKey, memory_obj: MemoryObj) -> Future | None:
+        """Write ``memory_obj`` under ``key`` on a writer thread; returns at once.
+
+        The future ends with ``True`` once written, or with the write's exception (the
+        put counted as dropped): its failure, `TimeoutError` ``timeout_s`` after the
+        write started, or `RemoteUnavailable` when the store failed before it started or
+        the tier was closed first. ``None`` when the put is not made (dropped, or the key
+        is stored or being written already).
+        """
+        write = _Write(key, memory_obj)
         with self._lock:
             if self._closed or key in self._put_tasks or key in self._known:
                 return None
@@ -403,50 +682,96 @@ class RemoteBackend(StorageBackendInterface):
                 self._stats.dropped_puts += 1
             else:
                 memory_obj.ref_count_up()
-                self._put_tasks[key] = memory_obj
+                self._put_tasks[key] = write
         if dropped:
             self._log_once("dropped", "a put was dropped (store unavailable or %d writes "
                            "pending)", self.max_pending_puts)
             call_observer(logger, self.on_dropped, [key], memory_obj.get_size(), reason)
             return None
         try:
-            return self._writers.submit(self._write, key, memory_obj)
+            task = self._writers.submit(self._write, write)
         except RuntimeError:  # closed meanwhile
             with self._lock:
                 self._put_tasks.pop(key, None)
             memory_obj.ref_count_down()
             return None
+        write.task = task
+        task.add_done_callback(lambda done: self._write_ended(write, done))
+        return write.future
 
-    def _write(self, key: CacheEngineKey, memory_obj: MemoryObj) -> bool:
-        try:
-            if not self.available:
-                raise RemoteUnavailable("the store became unavailable before the write")
-            parts = self.serde.serialize_parts(memory_obj, key)
-            try:
-                self.transport.put(self._name(key), parts)
-            except Exception as exc:
-                self._failed("put", exc)
-                raise
-            self._succeeded()
-            self._remember(key)
-            self._count("puts")
-            return True
-        except Exception:
-            self._count("dropped_puts")
-            raise
-        finally:
-            with self._lock:
-                self._put_tasks.pop(key, None)
-            memory_obj.ref_count_down()
-
-    def _read(self, key: CacheEngineKey) -> MemoryObj | None:
-        # Runs on an I/O thread; never raises (a prefetch's future must not fail).
+    def _write(self, write: _Write) -> bool:
+        # On a writer thread. The deadline watcher fails the put ``timeout_s`` from now.
+        if write.abandoned:
+            raise RemoteUnavailable("the tier was closed before the write started")
         if not self.available:
+            raise RemoteUnavailable("the store became unavailable before the write")
+        write.deadline = self._deadlines.at(
+            time.monotonic() + self.timeout_s,
+            lambda closing: self._write_expired(write, closing))
+        parts = self.serde.serialize_parts(write.obj, write.key)
+        try:
+            self.transport.put(self._name(write.key), parts)
+        except Exception as exc:
+            if not write.abandoned:
+                self._failed("put", exc)
+            raise
+        if not write.abandoned:
+            self._succeeded()
+            self._remember(write.key)
+        return True
+
+    def _write_expired(self, write: _Write, closing: bool) -> None:
+        # The deadline of a write that started: if it has not ended, the put is dropped.
+        if closing:
+            return  # `close` decides
+        exc = TimeoutError(f"the write did not end within {self.timeout_s:g} s")
+        if not self._settle_write(write, exc):
+            return  # it ended in time
+        write.abandoned = True
+        self._failed("put", exc)  # drops the queued writes first ...
+        if write.task is not None:
+            self._writers.abandon(write.task)  # ... then another thread takes this one's
+
+    def _settle_write(self, write: _Write, exc: BaseException | None) -> bool:
+        """End the put's future (written if no ``exc``, else dropped) and free its backlog
+        slot, unless that happened already. The memory stays referenced until the
+        transport call returns (`_write_ended`)."""
+        if not _settle(write.future, True if exc is None else None, exc):
+            return False
+        with self._lock:
+            if self._put_tasks.get(write.key) is write:
+                del self._put_tasks[write.key]
+            if exc is None:
+                self._stats.puts += 1
+            else:
+                self._stats.dropped_puts += 1
+        return True
+
+    def _write_ended(self, write: _Write, task: Future) -> None:
+        # The writer thread is done with the memory (or the write never started).
+        self._deadlines.cancel(write.deadline)
+        try:
+            if task.cancelled():
+                exc: BaseException | None = RemoteUnavailable(
+                    "dropped before it started: the store failed or the tier was closed")
+            else:
+                exc = task.exception()
+            self._settle_write(write, exc)
+        finally:
+            write.obj.ref_count_down()
+
+    def _read(self, key: CacheEngineKey, attempt: _Attempt) -> MemoryObj | None:
+        # Runs on an I/O thread; never raises (a prefetch's future must not fail). The
+        # outcome of an abandoned attempt is dropped: the caller gave up and counted it.
+        if not self.available or attempt.abandoned:
             return None
         try:
             data = self.transport.get(self._name(key), self.max_value_bytes)
         except Exception as exc:
-            self._failed("get", exc)
+            if not attempt.abandoned:
+                self._failed("get", exc)
+            return None
+        if attempt.abandoned:
             return None
         self._succeeded()
         if data is None:
@@ -476,19 +801,42 @@ class RemoteBackend(StorageBackendInterface):
         if self._is_bad(key):
             return None
         try:
-            return self._call("get", self._read, key, release_late=True)
+            return self._call("get", self._read, key, _Attempt(), release_late=True)
         except RemoteUnavailable:
             return None
 
     def submit_prefetch_task(self, key: CacheEngineKey) -> Future | None:
-        """Load ``key`` on an I/O thread. The future never fails; it ends within about
-        ``timeout_s`` (the transport's own timeouts) with the object or ``None``."""
+        """Load ``key`` on an I/O thread. The future never fails; it ends within
+        ``timeout_s`` with the object or ``None`` (a deadline watcher resolves it if the
+        transport has not answered; a late object is released)."""
         if not self.available or self._is_bad(key):
             return None
+        attempt = _Attempt()
         try:
-            return self._io.submit(self._read, key)
+            task = self._io.submit(self._read, key, attempt)
         except RuntimeError:  # closed
             return None
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+
+        def expired(closing: bool) -> None:
+            if not _settle(future, None):
+                return  # loaded in time
+            attempt.abandoned = True
+            self._io.abandon(task)
+            if not closing:
+                self._failed("get", TimeoutError(f"no answer within {self.timeout_s:g} s"))
+
+        deadline = self._deadlines.at(time.monotonic() + self.timeout_s, expired)
+
+        def loaded(done: Future) -> None:
+            self._deadlines.cancel(deadline)
+            obj = None if done.cancelled() or done.exception() else done.result()
+            if not _settle(future, obj) and obj is not None:
+                obj.ref_count_down()  # the deadline came first
+
+        task.add_done_callback(loaded)
+        return future
 
     def remove(self, key: CacheEngineKey) -> bool:
         self._forget(key)
@@ -500,14 +848,40 @@ class RemoteBackend(StorageBackendInterface):
         return bool(removed)
 
     def close(self) -> None:
-        """Wait for pending writes (each bounded by the transport's timeouts; dropped at
-        once while the store is unavailable), then release threads and connections."""
+        """Wait at most ``timeout_s`` for pending writes, then give up on the rest
+        (counted as dropped), resolve pending prefetches with ``None`` and release threads
+        and connections; returns within `bound_s`."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._writers.shutdown(wait=True)
-        self._io.shutdown(wait=True)
+            writes = list(self._put_tasks.values())
+        deadline = time.monotonic() + self.timeout_s
+        if writes:
+            wait_futures([w.future for w in writes], timeout=self.timeout_s)
+        given_up = 0
+        for write in writes:
+            if write.future.done():
+                continue
+            if not self._settle_write(write, RemoteUnavailable(
+                    "the tier was closed before the write ended")):
+                continue
+            given_up += 1
+            write.abandoned = True
+            if write.task is not None:
+                self._writers.abandon(write.task)  # cancels it if it has not started
+        if given_up:
+            logger.warning("%s (%s): closed with %d writes pending; they are dropped",
+                           self.tier_name, self.transport.description, given_up)
+        self._writers.shutdown()
+        self._io.shutdown()
+        self._deadlines.close()  # pending prefetches end now, with None
+        closer = threading.Thread(target=self._close_transport, daemon=True,
+                                  name=f"{self.tier_name}-close")
+        closer.start()
+        closer.join(max(deadline - time.monotonic(), 0.0) + _CLOSE_TRANSPORT_S)
+
+    def _close_transport(self) -> None:
         try:
             self.transport.close()
         except Exception as exc:
@@ -532,4 +906,3 @@ def _release_result(future: Future) -> None:
         return
     if obj is not None:
         obj.ref_count_down()
-

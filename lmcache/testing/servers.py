@@ -29,6 +29,7 @@ __all__ = [
     "ServiceUnavailable",
     "find_executable",
     "free_port",
+    "free_ports",
 ]
 
 _LIVE: set[Any] = set()
@@ -40,9 +41,23 @@ class ServiceUnavailable(RuntimeError):
 
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` different TCP ports of 127.0.0.1 that are free right now. (Asking for one
+    port at a time can give the same port twice: each is free again once its probe
+    socket is closed.)"""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def find_executable(name: str) -> str | None:
@@ -284,8 +299,9 @@ class SeaweedS3Server(_Server):
         self.binary = binary or find_executable("weed")
         self._proc = _Process(workdir, "lmcache-seaweedfs-")
         names = ["master", "volume", "filer", "s3"]
-        self.ports = {n: free_port() for n in names}
-        self.grpc_ports = {n: free_port() for n in names}
+        ports = free_ports(2 * len(names))
+        self.ports = dict(zip(names, ports[:len(names)]))
+        self.grpc_ports = dict(zip(names, ports[len(names):]))
 
     @property
     def endpoint_url(self) -> str:
@@ -317,6 +333,8 @@ class SeaweedS3Server(_Server):
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=1024",
             "-volume.max=0",
             "-metricsPort=0",
+            # a restart elects the (only) master again: 1 s, not the default 10 s
+            "-master.electionTimeout=1s",
         ])
         deadline = time.monotonic() + timeout
         probe = f"lmcache-ready-{os.getpid()}"

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from lmcache.abc.remote_transport import RemoteTransport, RemoteUnavailable
 from lmcache.abc.storage_backend import StorageBackendInterface, TierContext
-from lmcache.kits.fsspec_objects import OBJECT_SUFFIX, FsspecObjects
+from lmcache.kits.fsspec_objects import OBJECT_SUFFIX, FsspecObjects, url_syntax_problem
 from lmcache.kits.remote import RemoteBackend, RemoteOptions, redact_url
 from lmcache.plugin.registry import registry
 from lmcache.utils import Buffer
@@ -71,16 +71,30 @@ class FsspecTransport(RemoteTransport):
 
     Each value is one object ``<url>/<namespace>/<key>.kvobj``. On object stores a put is
     one atomic object upload; on file systems it is written under a temporary name and
-    renamed into place. For ``s3://`` the connect and read timeouts default to the
-    backend's ``timeout_s``, with botocore's standard retries limited to 3 attempts and
-    s3fs's own retry loop to one, unless ``storage_options`` say otherwise
-    (``config_kwargs``; ``retries`` for s3fs's loop).
+    renamed into place.
+
+    Every call to an asynchronous file system (s3fs, gcsfs, ...) is cancelled after
+    ``timeout_s``. For ``s3://`` each call is also one attempt (botocore's
+    ``retries={"total_max_attempts": 1}`` and s3fs's own retry loop set to one), with
+    connect and read timeouts of ``timeout_s``, unless ``storage_options`` say otherwise
+    (``config_kwargs``; ``retries`` for s3fs's loop); and uploads are sent without
+    ``Expect: 100-continue`` (a frozen server would otherwise hold a put forever, waiting
+    for the "continue"): a handler on the botocore session drops the header.
+
+    A URL that fsspec or the store would read as syntax is refused (`ValueError`): ``::``
+    (fsspec URL chaining) anywhere, ``?`` or ``#`` in an object store's path (s3fs reads
+    ``?versionId=`` as an object version).
     """
 
     def __init__(self, url: str, namespace: str = "lmcache", timeout_s: float = 10.0,
                  storage_options: dict[str, Any] | None = None) -> None:
         import fsspec
 
+        problem = url_syntax_problem(url)
+        if problem is not None:
+            raise ValueError(f"remote URL {redact_url(url)!r}: {problem}; expected "
+                             "scheme://bucket/prefix with a prefix of plain path segments "
+                             "(for example s3://bucket/kv/cache)")
         options = dict(storage_options or {})
         protocol = url.split("://", 1)[0].lower() if "://" in url else "file"
         s3 = protocol in ("s3", "s3a")
@@ -89,8 +103,8 @@ class FsspecTransport(RemoteTransport):
             config_kwargs = dict(options.get("config_kwargs") or {})
             config_kwargs.setdefault("connect_timeout", timeout_s)
             config_kwargs.setdefault("read_timeout", timeout_s)
-            # botocore's standard retries (5xx, throttling, resets), few: bounded time
-            config_kwargs.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
+            # one attempt per call: a retry would be a second timeout within one call
+            config_kwargs.setdefault("retries", {"total_max_attempts": 1})
             options["config_kwargs"] = config_kwargs
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **options)
@@ -100,9 +114,11 @@ class FsspecTransport(RemoteTransport):
                               f"implementation of {protocol!r}: {exc}{extra}") from exc
         if retries is not None and hasattr(self.fs, "retries"):
             self.fs.retries = int(retries)  # s3fs's own retry loop (5 attempts by default)
+        if s3:
+            _no_expect_continue(self.fs)
         self.root = root.rstrip("/")
         self.prefix = f"{self.root}/{namespace}" if namespace else self.root
-        self.objects = FsspecObjects(self.fs, self.prefix)
+        self.objects = FsspecObjects(self.fs, self.prefix, timeout_s)
         self.atomic_put = self.objects.atomic_put
         self.description = redact_url(url)
 
@@ -120,6 +136,44 @@ class FsspecTransport(RemoteTransport):
 
     def delete(self, name: str) -> bool:
         return self.objects.delete(name)
+
+
+def _drop_expect_header(request: Any, **kwargs: Any) -> None:
+    # botocore's ``before-send`` event: the request is signed ("Expect" is never a signed
+    # header) and about to go out. Returns None: the request is sent.
+    if "Expect" in request.headers:
+        del request.headers["Expect"]
+
+
+def _no_expect_continue(fs: Any) -> None:
+    """Make the s3fs file system ``fs`` send uploads without ``Expect: 100-continue``.
+
+    botocore adds the header to every PutObject and UploadPart; aiohttp then holds the
+    body until the server says "continue", and nothing bounds that wait: a put to a
+    frozen server hung until the server was resumed. The handler goes on the
+    aiobotocore session, whose clients copy its handlers when they are made (s3fs makes
+    its client on first use; a session given in ``storage_options`` gets the handler
+    too), and on a client made already.
+    """
+    session = getattr(fs, "session", None)
+    if session is None:
+        try:
+            from aiobotocore.session import AioSession
+        except ImportError:
+            return
+        session = AioSession(**getattr(fs, "kwargs", {}))
+        fs.session = session
+        # s3fs would make a new session (without the handler) on a refresh otherwise
+        if hasattr(fs, "_session_is_owned"):
+            fs._session_is_owned = False
+    if hasattr(session, "register"):
+        session.register("before-send.s3", _drop_expect_header,
+                         unique_id="lmcache-no-expect-continue")
+    client = getattr(fs, "_s3", None)
+    events = getattr(getattr(client, "meta", None), "events", None)
+    if events is not None:
+        events.register("before-send.s3", _drop_expect_header,
+                        unique_id="lmcache-no-expect-continue")
 
 
 class RemoteStorageBackend(RemoteBackend):

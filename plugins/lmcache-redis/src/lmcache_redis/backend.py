@@ -122,8 +122,13 @@ class RedisTransport(RemoteTransport):
     """Values as Redis strings, one ``SET`` each; standalone or cluster.
 
     No network I/O happens in the constructor: the client is created on first use, so
-    that an engine starts while Redis is down. Connections have socket, connect and
-    (no) retry settings that bound every call by ``timeout_s``.
+    that an engine starts while Redis is down. Every socket operation is bounded by
+    ``timeout_s`` (``socket_connect_timeout``, and ``socket_timeout`` for each read and
+    each whole ``sendall``), and no command is retried (``Retry(NoBackoff(), 0)``, for a
+    cluster too): a call on a fresh connection makes at most a connect, the handshake
+    and the command. `RemoteBackend` bounds the wait for the whole call by
+    ``timeout_s``; `reset` after a failure shuts the sockets down, which also ends calls
+    still blocked on them.
     """
 
     def __init__(self, url: str, *, namespace: str = "lmcache", timeout_s: float = 10.0,
