@@ -401,15 +401,9 @@ class StorageManager:
                     self._promote(key, obj)
                 yield obj, source
         finally:
-            for _, future, _ in pending:  # read ahead, never taken
-                if future is None:
-                    continue
-                try:
-                    obj = future.result()
-                except Exception:
-                    continue
-                if obj is not None:
-                    obj.ref_count_down()
+            for _, future, _ in pending:  # read ahead, never taken: released when done
+                if future is not None:
+                    future.add_done_callback(_release_late)
 
     def _promote(self, key: CacheEngineKey, obj: MemoryObj) -> None:
         try:

@@ -615,14 +615,14 @@ class RemoteBackend(StorageBackendInterface):
         return self.transport.object_name(key.to_string())
 
     def _remember(self, key: CacheEngineKey) -> None:
-        if not self._known_max:
-            return
         with self._lock:
+            self._bad.pop(key, None)  # written or read whole: no longer a bad key
+            if not self._known_max:
+                return
             self._known[key] = None
             self._known.move_to_end(key)
             while len(self._known) > self._known_max:
                 self._known.popitem(last=False)
-            self._bad.pop(key, None)
 
     def _forget(self, key: CacheEngineKey) -> None:
         with self._lock:

@@ -226,10 +226,12 @@ class RedisClusterServers:
     def __init__(self, size: int = 3, workdir: str | None = None) -> None:
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="lmcache-redis-cluster-"))
+        ports = free_ports(2 * size)  # a client port and a bus port per node, all distinct
         self.nodes = [
-            RedisServer(extra_args=["--cluster-enabled", "yes", "--cluster-config-file",
+            RedisServer(port=ports[2 * i],
+                        extra_args=["--cluster-enabled", "yes", "--cluster-config-file",
                                     f"nodes-{i}.conf", "--cluster-node-timeout", "2000",
-                                    "--cluster-port", str(free_port())],
+                                    "--cluster-port", str(ports[2 * i + 1])],
                         workdir=str(self.workdir / f"node{i}"))
             for i in range(size)
         ]
