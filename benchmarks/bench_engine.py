@@ -148,8 +148,8 @@ def main() -> None:
     e.store(tokens, **kw)  # warm: pages and code paths
 
     def cpu_store():
-        for key in list(e.storage_manager.cpu_tier._objects):
-            e.storage_manager.cpu_tier.remove(key)
+        for key in list(e.storage_manager.hot_tier._objects):
+            e.storage_manager.hot_tier.remove(key)
         e.store(tokens, **kw)
 
     store_s = best(cpu_store, args.repeat)
