@@ -98,8 +98,11 @@ def first(tiny_llama, vllm_factory, workdir, baseline) -> dict:
 
 @pytest.fixture(scope="module")
 def restart(tiny_llama, vllm_factory, workdir, first) -> dict:
+    # variables alone give from_env's tiers: ask for the disk tier the first run wrote
     proc = vllm_factory(tiny_llama, workdir, lmcache=True, prefix_caching=True,
-                        env={"LMCACHE_SAVE_DECODE_CACHE": "true"}, name="restart")
+                        env={"LMCACHE_SAVE_DECODE_CACHE": "true",
+                             "LMCACHE_LOCAL_DISK": str(workdir / ".lmcache"),
+                             "LMCACHE_MAX_LOCAL_DISK_SIZE": "20"}, name="restart")
     rec = {"hit": proc.generate([A, C1, C2])}
     rec["F"] = proc.generate([F], max_tokens=F_TOKENS)
     proc.call(op="reset_prefix_cache")

@@ -33,6 +33,17 @@ def test_environment_overrides_the_default(tmp_path):
     assert [s.name for s in config.storage_backend_specs()] == ["local_cpu"]
 
 
+def test_variables_alone_add_no_disk_tier(tmp_path, monkeypatch):
+    # the published examples set a few LMCACHE_* variables: they get from_env's
+    # semantics, not the embedded default's disk tier (issue 12)
+    monkeypatch.chdir(tmp_path)
+    config = load_config({"LMCACHE_CHUNK_SIZE": "256", "LMCACHE_LOCAL_CPU": "True",
+                          "LMCACHE_MAX_LOCAL_CPU_SIZE": "5.0",
+                          "LMCACHE_USE_EXPERIMENTAL": "True"})
+    assert [s.name for s in config.storage_backend_specs()] == ["local_cpu"]
+    assert config.local_disk is None and not (tmp_path / DEFAULT_DISK_DIR).exists()
+
+
 def test_config_file(tmp_path):
     path = tmp_path / "lmcache.yaml"
     path.write_text(f"chunk_size: 128\nlocal_disk: {tmp_path / 'd'}\nmax_local_disk_size: 1\n")

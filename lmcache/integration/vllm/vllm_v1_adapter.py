@@ -26,8 +26,10 @@ Worker side
 
 Configuration
     ``LMCACHE_CONFIG_FILE`` names a YAML file; ``LMCACHE_<FIELD>`` variables override it.
-    Without either, the embedded default applies: the CPU tier plus a disk tier in
-    ``./.lmcache`` (the working directory of vLLM), no server needed.
+    Variables alone give `LMCacheEngineConfig.from_env` semantics: the seed's defaults
+    and what they set (no disk tier unless one is asked for). Without either, the
+    embedded default applies: the CPU tier plus a disk tier in ``./.lmcache`` (the
+    working directory of vLLM), no server needed.
 """
 
 from __future__ import annotations
@@ -98,8 +100,9 @@ def load_config(environ: dict[str, str] | None = None) -> LMCacheEngineConfig:
     """The configuration of the vLLM integration.
 
     ``LMCACHE_CONFIG_FILE`` and ``LMCACHE_<FIELD>`` as in
-    `LMCacheEngineConfig.from_env`; when neither names a disk tier nor the tiers, the
-    embedded default adds the disk tier in `DEFAULT_DISK_DIR`.
+    `LMCacheEngineConfig.from_env`: a user who sets variables gets the seed's defaults
+    and the variables, nothing else. Only when no ``LMCACHE_<FIELD>`` variable is set
+    does the embedded default apply (the CPU tier and a disk tier in `DEFAULT_DISK_DIR`).
     """
     env = os.environ if environ is None else environ
     if env.get(CONFIG_FILE_ENV):
@@ -115,7 +118,7 @@ def load_config(environ: dict[str, str] | None = None) -> LMCacheEngineConfig:
             os.environ.update(saved)
     overrides = env_overrides(dict(env))
     data: dict[str, Any] = {}
-    if not {"local_disk", "storage_backends"} & set(overrides):
+    if not overrides:
         data = {"local_cpu": True, "max_local_cpu_size": DEFAULT_CPU_GB,
                 "local_disk": os.path.abspath(DEFAULT_DISK_DIR),
                 "max_local_disk_size": DEFAULT_DISK_GB}
