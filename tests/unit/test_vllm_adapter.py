@@ -201,3 +201,54 @@ def test_worker_stores_and_loads_both_layouts(layout, tmp_path, monkeypatch):
         scheduler.shutdown()
         worker.shutdown()
     assert LMCacheEngineBuilder.get(f"vllm-{vcfg.instance_id}-rank0") is None
+
+
+# -- what makes a request's KV other than its tokens (issue 13) --------------------------------
+
+
+def _request(**fields) -> SimpleNamespace:
+    base = dict(request_id="r", prompt_token_ids=list(range(64)), cache_salt=None,
+                lora_request=None, mm_features=[], prompt_embeds=None)
+    return SimpleNamespace(**{**base, **fields})
+
+
+def _adapter(path, weights: bytes):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text('{"r": 8}')
+    (path / "adapter_model.safetensors").write_bytes(weights)
+    return SimpleNamespace(lora_name="tenant-a", lora_int_id=1, lora_path=str(path))
+
+
+def test_a_plain_request_keeps_its_cache_salt():
+    from lmcache.integration.vllm.vllm_v1_adapter import request_salt
+
+    assert request_salt(_request()) is None
+    assert request_salt(_request(cache_salt="alice")) == "alice"
+
+
+def test_every_input_that_changes_the_kv_changes_the_salt(tmp_path):
+    import os
+
+    from lmcache.integration.vllm.vllm_v1_adapter import request_salt
+
+    a = _adapter(tmp_path / "a", b"weights-1")
+    b = _adapter(tmp_path / "b", b"weights-2")
+    feature = SimpleNamespace(identifier="img-1", mm_position=SimpleNamespace(offset=3,
+                                                                             length=16))
+    salts = {
+        "plain": request_salt(_request()),
+        "lora a": request_salt(_request(lora_request=a)),
+        "lora b (same name, other weights)": request_salt(_request(lora_request=b)),
+        "image": request_salt(_request(mm_features=[feature])),
+        "image elsewhere": request_salt(_request(mm_features=[SimpleNamespace(
+            identifier="img-1", mm_position=SimpleNamespace(offset=9, length=16))])),
+        "embeds": request_salt(_request(prompt_embeds=torch.ones(64, 8))),
+        "other embeds": request_salt(_request(prompt_embeds=torch.zeros(64, 8))),
+        "salted lora a": request_salt(_request(lora_request=a, cache_salt="alice")),
+    }
+    assert len(set(salts.values())) == len(salts), salts
+    assert request_salt(_request(lora_request=a)) == salts["lora a"]  # stable
+    # the adapter reloaded in place with other weights: another salt
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"weights-3")
+    os.utime(tmp_path / "a" / "adapter_model.safetensors", ns=(1, 1))
+    assert request_salt(_request(lora_request=a)) != salts["lora a"]

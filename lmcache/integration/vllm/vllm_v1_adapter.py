@@ -35,7 +35,9 @@ Configuration
 from __future__ import annotations
 
 import atexit
+import hashlib
 import itertools
+import json
 import logging
 import multiprocessing.util
 import os
@@ -43,6 +45,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -174,6 +177,68 @@ class _Tracked:
     saved: int = 0
     load: LoadSpec | None = None
     load_sent: bool = False
+
+    def __post_init__(self) -> None:
+        self.salt = request_salt(self.request)
+
+
+# ---------------------------------------------------------------------------------------
+# What makes the KV of a prompt other than its tokens
+# ---------------------------------------------------------------------------------------
+
+_adapter_digests: dict[tuple[str, tuple], str] = {}
+_adapter_lock = threading.Lock()
+
+
+def adapter_digest(path: str) -> str:
+    """A sha256 of the files of the LoRA adapter at ``path`` (a directory or a file): the
+    same name re-pointed at other weights, or an adapter reloaded with other weights,
+    gets another digest. Cached by the files' sizes and modification times."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else \
+        ([root] if root.is_file() else [])
+    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    with _adapter_lock:
+        cached = _adapter_digests.get((path, stamp))
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    if not files:  # not readable here: the path is all there is to tell adapters apart
+        h.update(b"path\0" + path.encode("utf-8", "surrogatepass"))
+    for p in files:
+        h.update(str(p.relative_to(root) if root.is_dir() else p.name).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    digest = h.hexdigest()
+    with _adapter_lock:
+        _adapter_digests[(path, stamp)] = digest
+    return digest
+
+
+def request_salt(request: Any) -> str | None:
+    """The salt of a request's chunk keys: its ``cache_salt``, and everything else that
+    changes its KV for the same tokens -- the LoRA adapter (name and content), the
+    multimodal inputs (their hashes and positions) and prompt embeddings (a hash of
+    them) -- so that such requests never share chunks with requests that differ in any
+    of them. A request with none of these keeps its ``cache_salt`` as is."""
+    salt = getattr(request, "cache_salt", None)
+    parts: list[Any] = []
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        parts.append(["lora", str(lora.lora_name), adapter_digest(str(lora.lora_path or ""))])
+    for feature in getattr(request, "mm_features", None) or []:
+        position = feature.mm_position
+        parts.append(["mm", str(feature.identifier), int(position.offset),
+                      int(position.length)])
+    embeds = getattr(request, "prompt_embeds", None)
+    if embeds is not None:
+        data = embeds.detach().cpu().contiguous()
+        parts.append(["prompt_embeds", str(data.dtype), list(data.shape),
+                      hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()])
+    if not parts:
+        return salt
+    return "lmcache-request/v1" + json.dumps([salt, *parts], separators=(",", ":"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,7 +506,7 @@ class LMCacheConnectorV1Impl:
             return 0
         started = time.perf_counter()
         try:
-            hit = self._lookup.lookup(prompt, getattr(request, "cache_salt", None)) \
+            hit = self._lookup.lookup(prompt, tracked.salt) \
                 if self._lookup is not None else 0
         except Exception as exc:
             self._warn_once("looking up a prompt", exc)
@@ -518,7 +583,7 @@ class LMCacheConnectorV1Impl:
         needed = max(save_end, load.lmcache_tokens if load else 0)
         meta.requests.append(RequestMeta(
             req_id=req_id, token_ids=list(itertools.islice(tokens, needed)),
-            block_ids=list(tracked.block_ids), cache_salt=getattr(request, "cache_salt", None),
+            block_ids=list(tracked.block_ids), cache_salt=tracked.salt,
             load=load, save_skip=skip, save_end=save_end))
 
     def request_finished(self, request: Request, block_ids: list[int]
