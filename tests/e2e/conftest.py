@@ -48,7 +48,8 @@ class VLLMProcess:
     """One vLLM engine in a subprocess; `generate` runs one batch of greedy requests."""
 
     def __init__(self, model: Path, workdir: Path, *, lmcache: bool, prefix_caching: bool,
-                 env: dict[str, str] | None = None, name: str = "vllm") -> None:
+                 env: dict[str, str] | None = None, name: str = "vllm",
+                 kv_role: str = "kv_both") -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"{name}.log"
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -57,7 +58,7 @@ class VLLMProcess:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, str(RUNNER), str(model), "lmcache" if lmcache else "none",
-             "prefix" if prefix_caching else "noprefix"],
+             "prefix" if prefix_caching else "noprefix", kv_role],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
             cwd=workdir, env=full_env)
         self._replies: queue.Queue[dict] = queue.Queue()

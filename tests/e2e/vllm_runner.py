@@ -1,8 +1,11 @@
 """A vLLM process driven by the e2e tests: JSON commands on stdin, JSON results on stdout.
 
-Usage: ``python vllm_runner.py MODEL_DIR {lmcache|none} {prefix|noprefix}``. Each stdin
-line is a command; each result is one stdout line starting with `MARK` (vLLM prints
-to stdout too):
+Usage: ``python vllm_runner.py MODEL_DIR {lmcache|none} {prefix|noprefix} [KV_ROLE]``
+(``kv_both`` by default; ``kv_producer`` and ``kv_consumer`` for disaggregated
+prefill). ``LMCACHE_E2E_MEMORY_FRACTION`` sets vLLM's ``gpu_memory_utilization`` (on the
+CPU backend a fraction of host memory: lower it when two engines run at once). Each
+stdin line is a command; each result is one stdout line starting with `MARK` (vLLM
+prints to stdout too):
 
 * ``{"op": "generate", "prompts": [[ids], ...], "max_tokens": N}`` → ``{"outputs":
   [[ids], ...], "cached": [num_cached_tokens, ...], "seconds": s}`` (greedy, one batch)
@@ -13,6 +16,7 @@ to stdout too):
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -24,22 +28,26 @@ def _reply(obj: dict) -> None:
     sys.stdout.flush()
 
 
-def make_llm(model: str, lmcache: bool, prefix_caching: bool):
+def make_llm(model: str, lmcache: bool, prefix_caching: bool, kv_role: str = "kv_both"):
+    memory = {}
+    if os.environ.get("LMCACHE_E2E_MEMORY_FRACTION"):
+        memory["gpu_memory_utilization"] = float(os.environ["LMCACHE_E2E_MEMORY_FRACTION"])
     if not lmcache:
         from vllm import LLM
 
         return LLM(model=model, skip_tokenizer_init=True, enforce_eager=True,
                    dtype="float32", max_model_len=4096, enable_prefix_caching=prefix_caching,
-                   seed=0)
+                   seed=0, **memory)
     # --8<-- [start:llm]
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
     llm = LLM(model=model, kv_transfer_config=KVTransferConfig(
-        kv_connector="LMCacheConnectorV1", kv_role="kv_both"),
+        kv_connector="LMCacheConnectorV1",
+        kv_role=kv_role),  # "kv_both"; "kv_producer" / "kv_consumer" to disaggregate
     # --8<-- [end:llm]
               skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
-              max_model_len=4096, enable_prefix_caching=prefix_caching, seed=0)
+              max_model_len=4096, enable_prefix_caching=prefix_caching, seed=0, **memory)
     return llm
 
 
@@ -47,7 +55,8 @@ def main() -> None:
     from vllm import SamplingParams
 
     model, connector, prefix = sys.argv[1:4]
-    llm = make_llm(model, connector == "lmcache", prefix == "prefix")
+    kv_role = sys.argv[4] if len(sys.argv) > 4 else "kv_both"
+    llm = make_llm(model, connector == "lmcache", prefix == "prefix", kv_role)
     _reply({"ready": True})
     for line in sys.stdin:
         cmd = json.loads(line)
