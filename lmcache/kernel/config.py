@@ -135,6 +135,8 @@ FLAT_BACKEND_OPTIONS: dict[str, tuple[str, str]] = {
     "remote_url": ("remote", "url"),
     "remote_serde": ("remote", "serde"),
     "blocking_timeout_secs": ("remote", "timeout_s"),
+    "lookup_url": ("p2p", "lookup_url"),
+    "distributed_url": ("p2p", "distributed_url"),
 }
 
 
@@ -197,13 +199,14 @@ class LMCacheEngineConfig(BaseModel):
     blend_min_tokens: int = Field(
         256, ge=0, description="CacheBlend minimum tokens (unused while blending is off).")
     enable_p2p: bool = Field(
-        False, description="Peer-to-peer sharing between instances. Not implemented: must "
-        "be false.")
+        False, description="Peer-to-peer sharing: every instance serves its chunks to the "
+        "others, found through the Redis index at `lookup_url` (the `p2p` tier).")
     lookup_url: str | None = Field(
-        None, description="Lookup server of peer-to-peer sharing (requires enable_p2p).")
+        None, description="The Redis of the peer-to-peer index: `redis://host:port` or "
+        "`host:port` (requires enable_p2p).")
     distributed_url: str | None = Field(
-        None, description="This instance's address for peer-to-peer sharing (requires "
-        "enable_p2p).")
+        None, description="`host:port` where this instance serves its chunks to its peers, "
+        "and by which they reach it (requires enable_p2p).")
     error_handling: bool = Field(
         False, description="Turn storage faults into misses (logged once) instead of "
         "raising them.")
@@ -258,25 +261,39 @@ class LMCacheEngineConfig(BaseModel):
             return [ComponentSpec.coerce(v) for v in value]
         return value
 
-    @field_validator("remote_url", "lookup_url", "distributed_url")
+    @field_validator("remote_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None and "://" not in value:
             raise ValueError("expected a URL of the form scheme://host[:port][/path]")
         return value
 
+    @field_validator("lookup_url", "distributed_url")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        # LMCache's own configurations write these as host:port, without a scheme
+        if value is not None:
+            rest = value.split("://", 1)[-1]
+            host, _, port = rest.rpartition(":")
+            if not host or not port.split("/", 1)[0].isdigit():
+                raise ValueError("expected host:port (or redis://host:port for lookup_url)")
+        return value
+
     # -- consistency and plugin options -------------------------------------------------
 
     def _check(self) -> list[ConfigIssue]:
         issues: list[ConfigIssue] = []
-        for flag in ("enable_blending", "enable_p2p"):
-            if getattr(self, flag):
-                issues.append(ConfigIssue(flag, "is not implemented by this lmcache; "
-                                          "expected false"))
-        for url in ("lookup_url", "distributed_url"):
-            if getattr(self, url) is not None and not self.enable_p2p:
-                issues.append(ConfigIssue(url, "only used with enable_p2p, which this lmcache "
-                                          "does not implement; expected null"))
+        if self.enable_blending:
+            issues.append(ConfigIssue("enable_blending", "is not implemented by this "
+                                      "lmcache; expected false"))
+        if self.storage_backends is None:
+            for url in ("lookup_url", "distributed_url"):
+                if self.enable_p2p and getattr(self, url) is None:
+                    issues.append(ConfigIssue(url, "is required by enable_p2p; expected "
+                                              "host:port"))
+                elif getattr(self, url) is not None and not self.enable_p2p:
+                    issues.append(ConfigIssue(url, "only used with enable_p2p; expected "
+                                              "null, or enable_p2p: true"))
         if self.remote_serde is not None:
             try:
                 registry.entry("serde", self.remote_serde)
@@ -312,7 +329,7 @@ class LMCacheEngineConfig(BaseModel):
         explicit = frozenset(self.model_fields_set)  # before any flat field is filled
         by_name = {s.name: s for s in self.storage_backends}
         presence = {"local_cpu": "local_cpu", "local_disk": "local_disk",
-                    "remote_url": "remote"}
+                    "remote_url": "remote", "enable_p2p": "p2p"}
         for field, backend in presence.items():
             if field not in explicit:
                 continue
@@ -341,6 +358,8 @@ class LMCacheEngineConfig(BaseModel):
             self._fill("local_disk", None)
         if "remote_url" not in explicit and "remote" not in by_name:
             self._fill("remote_url", None)
+        if "enable_p2p" not in explicit:
+            self._fill("enable_p2p", "p2p" in by_name)
         return issues
 
     def _fill(self, field: str, value: Any) -> None:
@@ -363,6 +382,9 @@ class LMCacheEngineConfig(BaseModel):
         if self.local_disk is not None:
             specs.append(_spec("local_disk", path=self.local_disk,
                                max_size_gb=self.max_local_disk_size))
+        if self.enable_p2p:  # peers before a remote store: a peer's CPU is nearer
+            specs.append(_spec("p2p", lookup_url=self.lookup_url,
+                               distributed_url=self.distributed_url))
         if self.remote_url is not None:
             remote: dict[str, Any] = {"url": self.remote_url,
                                       "timeout_s": self.blocking_timeout_secs}

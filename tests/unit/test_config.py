@@ -246,8 +246,7 @@ def test_agreeing_flat_fields_and_selections(tmp_path, tiers):
 
 @pytest.mark.parametrize("field, value, needle", [
     ("enable_blending", True, "not implemented"),
-    ("enable_p2p", True, "not implemented"),
-    ("lookup_url", "lm://x:1", "only used with enable_p2p"),
+    ("lookup_url", "x:1", "only used with enable_p2p"),
     ("remote_url", "localhost:6379", "scheme://"),
     ("blend_recompute_ratio", 2.0, "less than or equal to 1"),
     ("chunk_size", 0, "greater than 0"),
@@ -257,6 +256,27 @@ def test_bad_flat_values(field, value, needle):
     with pytest.raises(ConfigError) as info:
         LMCacheEngineConfig(**{field: value})
     assert needle in issues_of(info.value)[field]
+
+
+@pytest.mark.parametrize("field", ["lookup_url", "distributed_url"])
+def test_p2p_needs_both_addresses(field):
+    other = {"lookup_url": "localhost:8100", "distributed_url": "localhost:8200"}
+    other.pop(field)
+    with pytest.raises(ConfigError) as info:
+        LMCacheEngineConfig(enable_p2p=True, **other)
+    assert "required by enable_p2p" in issues_of(info.value)[field]
+
+
+def test_p2p_addresses_as_lmcache_writes_them():
+    # LMCache's P2P example writes host:port, without a scheme
+    config = LMCacheEngineConfig(enable_p2p=True, lookup_url="localhost:8100",
+                                 distributed_url="localhost:8200")
+    [cpu, p2p] = config.storage_backend_specs()
+    assert (cpu.name, p2p.name) == ("local_cpu", "p2p")
+    assert p2p.options == {"lookup_url": "localhost:8100", "distributed_url": "localhost:8200"}
+    with pytest.raises(ConfigError, match="expected host:port"):
+        LMCacheEngineConfig(enable_p2p=True, lookup_url="localhost",
+                            distributed_url="localhost:8200")
 
 
 def test_disk_needs_a_budget():
