@@ -26,7 +26,7 @@ lmcache's tiers (``local_cpu``, ``local_disk``, ``remote``) are in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from math import prod
@@ -138,6 +138,10 @@ class TierContext:
         The chunks the engine stores (`ChunkSpec`): a tier admits nothing else from its
         storage, and reads no more bytes than the largest can need. ``None`` outside an
         engine: any well-formed object stored under the key is admitted.
+    ``read_local``
+        ``read_local(key)``: the chunk from this engine's tiers *before* this one (a new
+        reference the caller releases), or ``None``; nothing is promoted. For a tier that
+        serves this engine's chunks to others (``p2p``). ``None`` outside an engine.
     """
 
     tier_name: str = ""
@@ -145,6 +149,7 @@ class TierContext:
     events: TierEvents = field(default_factory=TierEvents)
     engine_id: str = "lmcache"
     chunk_spec: ChunkSpec | None = None
+    read_local: Callable[[CacheEngineKey], MemoryObj | None] | None = None
 
     def allocator_for(self, component: type) -> MemoryAllocatorInterface:
         """The allocator, or a ``ValueError`` naming ``component`` when there is none."""

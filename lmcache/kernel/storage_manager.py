@@ -165,7 +165,24 @@ class StorageManager:
         """What the tier ``name`` of this engine is built with."""
         return TierContext(tier_name=name, memory_allocator=self.reclaiming_allocator,
                            events=_HookEvents(self.engine_id, name), engine_id=self.engine_id,
-                           chunk_spec=self.chunk_spec)
+                           chunk_spec=self.chunk_spec, read_local=self._reader_above(name))
+
+    def _reader_above(self, name: str) -> Callable[[CacheEngineKey], MemoryObj | None]:
+        """``read_local`` of the tier ``name``: the tiers configured before it, in order;
+        a chunk found is admitted (`_admit`), never promoted, and faults are misses."""
+        def read(key: CacheEngineKey) -> MemoryObj | None:
+            for other, tier in list(self.tiers.items()):
+                if other == name:
+                    break
+                try:
+                    obj = tier.get_blocking(key) if tier.contains(key) else None
+                except Exception as exc:
+                    self._report(other, "get", exc)
+                    continue
+                if obj is not None and self._admit(other, key, obj):
+                    return obj
+            return None
+        return read
 
     def add_tier(self, name: str, backend: StorageBackendInterface) -> None:
         if name in self.tiers:
