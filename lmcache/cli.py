@@ -63,6 +63,12 @@ def _config_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> int:
+    from lmcache.server.main import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmcache", description="lmcache KV-cache engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_config_check)
     schema = csub.add_parser("schema", help="print the JSON schema of the configuration")
     schema.set_defaults(func=_config_schema)
+
+    from lmcache.server.main import add_arguments as add_server_arguments  # argparse only
+
+    server = sub.add_parser("server", help="run the cache server (remote_url: lm://HOST:PORT)",
+                            description="lmcache's cache server: engines share chunks "
+                            "through it with remote_url: lm://HOST:PORT")
+    add_server_arguments(server).set_defaults(func=_server)
     return parser
 
 

@@ -164,7 +164,7 @@ class RemoteOptions(PluginOptions):
     url: str = Field(description="URL of the store: `redis://[user:password@]host:port/db`, "
                      "`rediss://...` (TLS), `redis+cluster://host:port[,host:port...]`, "
                      "`s3://bucket/prefix` or any fsspec URL, or `lm://host:port` "
-                     "(unreachable: every lookup is a miss).")
+                     "(lmcache's cache server).")
     serde: str = Field(default="naive", description="Serde of the values "
                        "(`lmcache.serdes`): `naive` or `zstd`.")
     serde_options: dict[str, Any] = Field(default_factory=dict,

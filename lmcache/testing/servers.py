@@ -1,5 +1,5 @@
-"""Real servers on loopback for tests and benchmarks: redis-server, a Redis Cluster, and
-SeaweedFS as an S3-compatible object store.
+"""Real servers on loopback for tests and benchmarks: redis-server, a Redis Cluster,
+SeaweedFS as an S3-compatible object store, and lmcache's own cache server.
 
 Each server runs as a child process on free ports of 127.0.0.1, keeps its files in a
 directory of its own, and is killed by `stop` (or at interpreter exit). Nothing here
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "LMCacheServer",
     "RedisClusterServers",
     "RedisServer",
     "SeaweedS3Server",
@@ -87,11 +88,11 @@ class _Process:
         self.log = self.workdir / "server.log"
         self.proc: subprocess.Popen | None = None
 
-    def _spawn(self, argv: Sequence[str]) -> None:
+    def _spawn(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, cwd=self.workdir,
-                                         start_new_session=True)
+                                         start_new_session=True, env=env)
         _LIVE.add(self)
 
     def _check_alive(self, what: str) -> None:
@@ -366,3 +367,73 @@ class SeaweedS3Server(_Server):
             fs.mkdir(name)
         return f"s3://{name}"
 
+
+def _ping_lm(port: int, timeout: float = 0.5) -> bool:
+    from lmcache.kits.wire import CACHE_SERVER, Op, Status, WireClient
+
+    try:
+        client = WireClient.connect("127.0.0.1", port, time.monotonic() + timeout,
+                                    expect_service=CACHE_SERVER)
+    except OSError:
+        return False
+    try:
+        return client.call(Op.PING, deadline=time.monotonic() + timeout).status == Status.OK
+    except OSError:
+        return False
+    finally:
+        client.close()
+
+
+class LMCacheServer(_Server):
+    """lmcache's cache server (``python -m lmcache.server``) on 127.0.0.1, in a process of
+    its own. ``cpu_gb`` is its memory budget; ``disk=True`` gives it a disk tier in its
+    directory (``disk_gb``), so that `restart` finds the chunks again; ``extra_args`` go
+    to its command line. ``module`` is the module run with ``-m``
+    (``lmcache.experimental.server`` and ``lmcache.v1.server`` start the same server).
+    """
+
+    def __init__(self, port: int | None = None, *, cpu_gb: float = 0.25, disk: bool = False,
+                 disk_gb: float = 0.25, extra_args: Sequence[str] = (),
+                 workdir: str | None = None, module: str = "lmcache.server") -> None:
+        self.port = port or free_port()
+        self.cpu_gb, self.disk, self.disk_gb = cpu_gb, disk, disk_gb
+        self.extra_args = list(extra_args)
+        self.module = module
+        self._proc = _Process(workdir, "lmcache-server-")
+
+    @property
+    def workdir(self) -> Path:
+        return self._proc.workdir
+
+    @property
+    def url(self) -> str:
+        return f"lm://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc.proc is None else self._proc.proc.pid
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", self.module, "127.0.0.1", str(self.port),
+                "--cpu-gb", str(self.cpu_gb), "--stats-interval", "0"]
+        if self.disk:
+            argv += ["--disk", str(self.workdir / "disk"), "--disk-gb", str(self.disk_gb)]
+        return argv + self.extra_args
+
+    def start(self, timeout: float = 60.0) -> LMCacheServer:
+        # the child imports this lmcache, installed or not
+        path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]),
+                                           os.environ.get("PYTHONPATH")) if p)
+        self._proc._spawn(self.argv(), env={**os.environ, "PYTHONPATH": path})
+        deadline = time.monotonic() + timeout
+        while not _ping_lm(self.port):
+            self._proc._check_alive(f"python -m {self.module}")
+            if time.monotonic() > deadline:
+                self._proc.kill()
+                raise ServiceUnavailable(f"the cache server on port {self.port} was not "
+                                         f"ready in {timeout} s:\n{_tail(self._proc.log)}")
+            time.sleep(0.05)
+        return self
+
+    def log_text(self) -> str:
+        return _tail(self._proc.log, 20000)

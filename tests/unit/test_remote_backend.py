@@ -1,7 +1,7 @@
-"""The remote kernel over fsspec file systems (file://, memory://), the unreachable lm://
-remote, the `remote` tier's dispatch by URL scheme, and the configuration that derives it.
-Redis and S3 servers are exercised in tests/integration/test_remote_tiers.py and in
-plugins/lmcache-redis."""
+"""The remote kernel over fsspec file systems (file://, memory://), an lm:// server that
+is not there, the `remote` tier's dispatch by URL scheme, and the configuration that
+derives it. Redis and S3 servers are exercised in tests/integration/test_remote_tiers.py
+and in plugins/lmcache-redis, the cache server in tests/integration/test_cache_server.py."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryFo
 from lmcache.experimental.storage_backend.object_format import decode_header
 from lmcache.experimental.storage_backend.remote_backend import (
     FsspecTransport,
+    LMServerTransport,
     RemoteBackend,
     RemoteStorageBackend,
-    UnreachableTransport,
     redact_url,
 )
 from lmcache.experimental.storage_backend.serde import NaiveSerde, ZstdSerde
@@ -162,10 +162,13 @@ def test_close_waits_for_writes_and_refuses_more(tmp_path, allocator):
         o.ref_count_down()
 
 
-def test_lm_url_is_an_unreachable_remote(remote, allocator, caplog):
+def test_lm_url_without_a_server_is_a_dead_remote(remote, allocator, caplog):
+    from lmcache.testing.servers import free_port
+
     with caplog.at_level(logging.WARNING):
-        backend = remote("lm://localhost:65432", retry_interval_s=0.05)
-        assert isinstance(backend.transport, UnreachableTransport)
+        # the seed's default remote_url, on a port where nothing listens
+        backend = remote(f"lm://localhost:{free_port()}", retry_interval_s=0.05)
+        assert isinstance(backend.transport, LMServerTransport)
         obj = chunk(allocator, 4)
         started = time.monotonic()
         for i in range(100):
@@ -174,7 +177,7 @@ def test_lm_url_is_an_unreachable_remote(remote, allocator, caplog):
             backend.submit_put_task(key(i), obj)
         assert time.monotonic() - started < 2.0
     messages = [r.getMessage() for r in caplog.records]
-    assert sum("not implemented" in m for m in messages) == 1  # the outage, logged once
+    assert sum("refused" in m for m in messages) == 1  # the outage, logged once
     assert sum("a put was dropped" in m for m in messages) == 1  # the drops, logged once
     assert backend.stats.dropped_puts >= 90
     obj.ref_count_down()

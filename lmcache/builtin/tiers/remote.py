@@ -1,11 +1,9 @@
 """``remote``: the tier of ``remote_url``, its store chosen by the URL's scheme.
 
 * A scheme claimed by a storage backend in the ``lmcache.url_schemes`` entry-point group
-  (``redis://``, ``rediss://``, ``redis+cluster://`` and ``unix://`` by the ``redis`` tier
-  of ``lmcache-redis``; any scheme by a third party's) builds that backend with the
-  same options.
-* ``lm://`` (the seed's LMCache server, which this lmcache does not implement) is an
-  unreachable remote whose every lookup is a miss.
+  (``lm://`` by the ``lm`` tier, lmcache's cache server; ``redis://``, ``rediss://``,
+  ``redis+cluster://`` and ``unix://`` by the ``redis`` tier of ``lmcache-redis``; any
+  scheme by a third party's) builds that backend with the same options.
 * Anything else is an fsspec URL (``s3://bucket/prefix``, ``gs://``, ``file:///shared``,
   ``memory://x``) served by `FsspecTransport`.
 """
@@ -17,14 +15,14 @@ from typing import Any
 
 from pydantic import Field
 
-from lmcache.abc.remote_transport import RemoteTransport, RemoteUnavailable
+from lmcache.abc.remote_transport import RemoteTransport
 from lmcache.abc.storage_backend import StorageBackendInterface, TierContext
 from lmcache.kits.fsspec_objects import OBJECT_SUFFIX, FsspecObjects, url_syntax_problem
 from lmcache.kits.remote import RemoteBackend, RemoteOptions, redact_url
 from lmcache.plugin.registry import registry
 from lmcache.utils import Buffer
 
-__all__ = ["INSTALL_HINTS", "FsspecTransport", "RemoteStorageBackend", "UnreachableTransport"]
+__all__ = ["INSTALL_HINTS", "FsspecTransport", "RemoteStorageBackend"]
 
 _REDIS_HINT = ("the redis tier: pip install lmcache-redis (from a source checkout: "
                "pip install -e plugins/lmcache-redis)")
@@ -33,36 +31,6 @@ _REDIS_HINT = ("the redis tier: pip install lmcache-redis (from a source checkou
 #: ``url_scheme`` table.
 INSTALL_HINTS = {scheme: _REDIS_HINT for scheme in
                  ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix")}
-
-
-class UnreachableTransport(RemoteTransport):
-    """A store that cannot be reached: every call fails at once, without traffic.
-
-    Used for ``lm://`` URLs: the seed's LMCache server protocol is not part of this
-    lmcache, so such a remote tier is a configured but unreachable store.
-    """
-
-    def __init__(self, url: str, reason: str) -> None:
-        self.description = redact_url(url)
-        self.reason = reason
-
-    def object_name(self, key_string: str) -> str:
-        return key_string
-
-    def _fail(self) -> Any:
-        raise RemoteUnavailable(self.reason)
-
-    def put(self, name: str, parts: Sequence[Buffer]) -> None:
-        self._fail()
-
-    def get(self, name: str, max_bytes: int | None = None) -> Buffer | None:
-        return self._fail()
-
-    def exists(self, name: str) -> bool:
-        return self._fail()
-
-    def delete(self, name: str) -> bool:
-        return self._fail()
 
 
 class FsspecTransport(RemoteTransport):
@@ -180,10 +148,10 @@ class RemoteStorageBackend(RemoteBackend):
     """The ``remote`` tier (``remote_url``): the store is chosen by the URL's scheme.
 
     A scheme that a storage backend claims (``lmcache.url_schemes``) builds that backend
-    with the options given here (``redis://``, ``rediss://``, ``redis+cluster://`` and
-    ``unix://`` the ``redis`` tier of ``lmcache-redis``); ``lm://`` is an unreachable
-    remote (every lookup a miss, logged once); anything else is an fsspec URL served by
-    `FsspecTransport` (``s3://`` needs s3fs: ``pip install 'lmcache[s3]'``).
+    with the options given here (``lm://`` the ``lm`` tier, the cache server;
+    ``redis://``, ``rediss://``, ``redis+cluster://`` and ``unix://`` the ``redis`` tier
+    of ``lmcache-redis``); anything else is an fsspec URL served by `FsspecTransport`
+    (``s3://`` needs s3fs: ``pip install 'lmcache[s3]'``).
     """
 
     class Options(RemoteOptions):
@@ -207,13 +175,6 @@ class RemoteStorageBackend(RemoteBackend):
         if scheme in INSTALL_HINTS:
             raise ImportError(f"remote_url {redact_url(url)} needs {INSTALL_HINTS[scheme]}, "
                               "which is not installed")
-        if scheme == "lm":
-            if options.storage_options:
-                raise ValueError("storage_options apply to fsspec URLs only")
-            transport: RemoteTransport = UnreachableTransport(
-                url, "lm:// (the LMCache server protocol) is not implemented by this "
-                "lmcache; use redis://, s3:// or another fsspec URL")
-        else:
-            transport = FsspecTransport(url, options.namespace, options.timeout_s,
-                                        options.storage_options)
+        transport: RemoteTransport = FsspecTransport(url, options.namespace, options.timeout_s,
+                                                     options.storage_options)
         return cls.from_transport(transport, options, config, metadata, context)

@@ -1,13 +1,11 @@
 """Faces of the remote tiers: the transport contract (`lmcache.abc.remote_transport`),
-the remote kit (`lmcache.kits.remote`) and the ``remote`` tier
-(`lmcache.builtin.tiers.remote`)."""
+the remote kit (`lmcache.kits.remote`), the ``remote`` tier
+(`lmcache.builtin.tiers.remote`) and the cache server's ``lm`` tier
+(`lmcache.builtin.tiers.lm`)."""
 
 from lmcache.abc.remote_transport import RemoteTransport, RemoteUnavailable
-from lmcache.builtin.tiers.remote import (
-    FsspecTransport,
-    RemoteStorageBackend,
-    UnreachableTransport,
-)
+from lmcache.builtin.tiers.lm import LMServerBackend, LMServerTransport
+from lmcache.builtin.tiers.remote import FsspecTransport, RemoteStorageBackend
 from lmcache.kits.remote import (
     BAD_KEYS,
     RemoteBackend,
@@ -19,12 +17,13 @@ from lmcache.kits.remote import (
 __all__ = [
     "BAD_KEYS",
     "FsspecTransport",
+    "LMServerBackend",
+    "LMServerTransport",
     "RemoteBackend",
     "RemoteOptions",
     "RemoteStats",
     "RemoteStorageBackend",
     "RemoteTransport",
     "RemoteUnavailable",
-    "UnreachableTransport",
     "redact_url",
 ]

@@ -1,0 +1,381 @@
+"""``lm``: lmcache's cache server as a remote tier (``remote_url: lm://host:port``).
+
+This module only moves bytes (`LMServerTransport`, over the wire protocol of
+`lmcache.kits.wire`); `lmcache.kits.remote.RemoteBackend` does the rest: asynchronous
+puts, bounded waits, outages and reconnection, the serde and its integrity checks. The
+server is ``python -m lmcache.server HOST PORT`` (`lmcache.server`).
+
+Connections
+    A small pool of connections (``connections`` idle ones are kept), each used by one
+    thread at a time; a connection is opened when none is idle, with a HELLO that checks
+    that the peer is an lmcache cache server of this protocol version. No I/O happens in
+    the constructor. Every call has one deadline, ``timeout_s`` from its start, for the
+    connect, the HELLO, sending the request and receiving the reply: the socket's timeout
+    is what is left of it before each system call. A connection that failed is closed,
+    never reused; one that the server closed while it was idle (a restart, the server's
+    idle timeout) is noticed before it is used, and replaced. After a failure `reset`
+    closes the idle ones, so that the next call after an outage connects afresh.
+Values
+    A put sends the serde's pieces (header, then a view of the chunk's memory) in one
+    frame, without joining them. A get tells the server the most bytes it accepts
+    (``max_bytes``, the largest value this engine's chunks can make); a longer value is
+    not sent, and the get returns an empty buffer, which no serde decodes (a bad value).
+    A put the server has no room for, or that is over its limit, is not stored and is
+    not an error: like a value the server evicted at once, it is a miss later.
+Loads straight into the chunk's memory
+    With the ``naive`` serde (the default), whose value is the object of
+    `lmcache.kits.object_format` as it is, a get does not receive the value into a
+    buffer to copy it from: it receives the 128-byte object header, makes every check
+    the serde makes (header checksum, length, the key it was stored under, the engine's
+    kind of chunk) before anything is allocated, then receives the payload straight into
+    a memory object of the engine's allocator and verifies its checksum. Anything that
+    fails a check is a bad value, as with the serde. The tier's serde is wrapped
+    (`ReceivingSerde`) so that the remote kit takes the object as the decoded chunk.
+Names
+    ``<namespace>/<chunk key string>``; the server keeps namespaces apart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import Field
+
+from lmcache.abc.remote_transport import RemoteTransport, RemoteUnavailable
+from lmcache.abc.serde import Serde
+from lmcache.abc.storage_backend import TierContext
+from lmcache.kits.object_format import HEADER_SIZE, decode_header, fill_object
+from lmcache.kits.remote import RemoteBackend, RemoteOptions, redact_url
+from lmcache.kits.wire import (
+    CACHE_SERVER,
+    Op,
+    PayloadReader,
+    ProtocolError,
+    Reply,
+    Status,
+    WireClient,
+)
+from lmcache.utils import Buffer, CacheEngineKey, LogOnce
+
+if TYPE_CHECKING:
+    from lmcache.abc.memory import MemoryAllocatorInterface, MemoryObj
+    from lmcache.abc.storage_backend import ChunkSpec
+
+__all__ = ["LMServerBackend", "LMServerTransport", "ReceivedChunk", "ReceivingSerde",
+           "parse_lm_url"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def parse_lm_url(url: str) -> tuple[str, int]:
+    """``(host, port)`` of ``lm://host:port`` (``lm://[::1]:port`` for IPv6);
+    `ValueError` for anything else."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad lm:// URL {redact_url(url)!r}: {exc}; expected "
+                         "lm://host:port") from None
+    if parts.scheme.lower() != "lm" or not parts.hostname or port is None \
+            or parts.path not in ("", "/") or parts.query or parts.fragment \
+            or parts.username or parts.password:
+        raise ValueError(f"bad lm:// URL {redact_url(url)!r}; expected lm://host:port")
+    return parts.hostname, port
+
+
+class ReceivedChunk:
+    """A value that a get received straight into a memory object (see the module
+    documentation): what `LMServerTransport.get` returns instead of bytes once
+    `LMServerTransport.receive_into` was called. ``len()`` is the value's length.
+    `take` hands the object over; if nobody takes it, it is released when this is
+    dropped (a get that its caller gave up on)."""
+
+    __slots__ = ("_obj", "_nbytes")
+
+    def __init__(self, obj: MemoryObj, nbytes: int) -> None:
+        self._obj: MemoryObj | None = obj
+        self._nbytes = nbytes
+
+    def __len__(self) -> int:
+        return self._nbytes
+
+    def take(self) -> MemoryObj | None:
+        obj, self._obj = self._obj, None
+        return obj
+
+    def __del__(self) -> None:
+        obj, self._obj = self._obj, None
+        if obj is not None:
+            obj.ref_count_down()
+
+
+def receive_chunk(reader: PayloadReader, key: CacheEngineKey | None,
+                  allocator: MemoryAllocatorInterface, spec: ChunkSpec | None
+                  ) -> MemoryObj | None:
+    """The chunk of ``key`` whose object (header, payload) ``reader`` delivers, received
+    straight into a memory object from ``allocator``; ``None`` when it is not that
+    chunk, not this engine's kind of chunk, damaged, or there is no memory (the checks of
+    the ``naive`` serde, made on the header before anything is allocated)."""
+    nbytes = reader.remaining
+    if nbytes < HEADER_SIZE:
+        return None
+    header = decode_header(reader.read(HEADER_SIZE))
+    if header is None or header.total_size != nbytes or header.problem(key, spec):
+        return None
+
+    def receive(payload: memoryview) -> bool:
+        reader.read_into(payload)
+        return True
+
+    return fill_object(header, allocator, receive)
+
+
+class ReceivingSerde(Serde):
+    """A serde that takes a `ReceivedChunk` as the decoded chunk and hands everything
+    else to ``inner`` (the ``naive`` serde it wraps)."""
+
+    def __init__(self, inner: Serde) -> None:
+        self.inner = inner
+
+    def serialize(self, memory_obj: MemoryObj, key: CacheEngineKey | None = None) -> Any:
+        return self.inner.serialize(memory_obj, key)
+
+    def serialize_parts(self, memory_obj: MemoryObj, key: CacheEngineKey | None = None
+                        ) -> Sequence[Buffer]:
+        return self.inner.serialize_parts(memory_obj, key)
+
+    def max_value_size(self, payload_bytes: int) -> int:
+        return self.inner.max_value_size(payload_bytes)
+
+    def deserialize(self, data: Any, allocator: MemoryAllocatorInterface,
+                    key: CacheEngineKey | None = None, spec: ChunkSpec | None = None
+                    ) -> MemoryObj | None:
+        if isinstance(data, ReceivedChunk):
+            return data.take()
+        return self.inner.deserialize(data, allocator, key, spec)
+
+
+class LMServerTransport(RemoteTransport):
+    """Values in an lmcache cache server (see the module documentation).
+
+    Thread-safe; every method ends within ``timeout_s``. Connection failures are raised
+    as `RemoteUnavailable` (``TimeoutError`` for a timeout, `ProtocolError` for a peer
+    that breaks the protocol): the remote tier turns each into an outage.
+    """
+
+    def __init__(self, url: str, *, namespace: str = "lmcache", timeout_s: float = 10.0,
+                 connections: int = 8) -> None:
+        self.host, self.port = parse_lm_url(url)
+        if not timeout_s > 0 or connections < 0:
+            raise ValueError(f"timeout_s must be > 0 and connections >= 0, got {timeout_s}, "
+                             f"{connections}")
+        self.description = redact_url(url)
+        self.namespace = namespace
+        self.timeout_s = float(timeout_s)
+        self.max_idle = connections
+        self._lock = threading.Lock()
+        self._idle: list[WireClient] = []
+        self._busy: set[WireClient] = set()
+        self._generation = 0
+        self._closed = False
+        self._log_once = LogOnce(logger, f"{self.description}: ")
+        self._receive: tuple[MemoryAllocatorInterface, ChunkSpec | None] | None = None
+
+    def receive_into(self, allocator: MemoryAllocatorInterface,
+                     spec: ChunkSpec | None) -> None:
+        """From now on, `get` receives values (objects of `lmcache.kits.object_format`)
+        straight into memory objects from ``allocator`` and returns `ReceivedChunk`: for
+        a tier whose serde is ``naive`` and wrapped in `ReceivingSerde`."""
+        self._receive = (allocator, spec)
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _acquire(self, deadline: float) -> tuple[WireClient, int]:
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise RemoteUnavailable("the transport is closed")
+                generation = self._generation
+                conn = self._idle.pop() if self._idle else None
+                if conn is not None:
+                    self._busy.add(conn)
+            if conn is None:
+                break
+            if not conn.stale():
+                return conn, generation
+            self._drop(conn)
+        try:
+            conn = WireClient.connect(self.host, self.port, deadline, expect_service=CACHE_SERVER)
+        except (TimeoutError, ProtocolError):
+            raise
+        except OSError as exc:
+            raise RemoteUnavailable(f"{self.description}: {exc}") from exc
+        with self._lock:
+            self._busy.add(conn)
+        return conn, generation
+
+    def _release(self, conn: WireClient, generation: int) -> None:
+        with self._lock:
+            self._busy.discard(conn)
+            keep = (not self._closed and not conn.closed and generation == self._generation
+                    and len(self._idle) < self.max_idle)
+            if keep:
+                self._idle.append(conn)
+        if not keep:
+            conn.close()
+
+    def _drop(self, conn: WireClient) -> None:
+        with self._lock:
+            self._busy.discard(conn)
+        conn.close()
+
+    def _with_connection(self, fn: Callable[[WireClient, float], T]) -> T:
+        """``fn(connection, deadline)`` on a pooled connection, within ``timeout_s``."""
+        deadline = time.monotonic() + self.timeout_s
+        conn, generation = self._acquire(deadline)
+        try:
+            result = fn(conn, deadline)
+        except (TimeoutError, ProtocolError):
+            self._drop(conn)
+            raise
+        except OSError as exc:
+            self._drop(conn)
+            raise RemoteUnavailable(f"{self.description}: {type(exc).__name__}: {exc}") \
+                from exc
+        except BaseException:
+            self._drop(conn)
+            raise
+        self._release(conn, generation)
+        return result
+
+    def _call(self, op: Op, name: str, *, arg: int = 0) -> Reply:
+        return self._with_connection(
+            lambda conn, deadline: conn.call(op, name.encode(), arg=arg, deadline=deadline))
+
+    # -- the transport ---------------------------------------------------------------------
+
+    def object_name(self, key_string: str) -> str:
+        return f"{self.namespace}/{key_string}"
+
+    def put(self, name: str, parts: Sequence[Buffer]) -> None:
+        size = sum(memoryview(p).nbytes for p in parts)
+
+        def put(conn: WireClient, deadline: float) -> Reply | None:
+            if size > conn.peer_limits.max_payload:
+                return None
+            return conn.call(Op.PUT, name.encode(), parts, deadline=deadline)
+
+        reply = self._with_connection(put)
+        if reply is None:
+            self._log_once("over-limit", "a value of %d bytes is over the server's limit "
+                           "(--max-value-mb); not stored", size)
+        elif reply.status == Status.NO_SPACE:
+            self._log_once("no-space", "the server has no room for a value of %d bytes "
+                           "(--cpu-gb); not stored", size)
+        elif reply.status != Status.OK:
+            raise ProtocolError(f"PUT answered {reply.status.name}: {reply.message()}")
+
+    def get(self, name: str, max_bytes: int | None = None) -> Any:
+        receive = self._receive
+        sink = None
+        if receive is not None:
+            allocator, spec = receive
+            key = _key_of(name)
+
+            def sink(reader: PayloadReader) -> ReceivedChunk | None:
+                nbytes = reader.remaining
+                obj = receive_chunk(reader, key, allocator, spec)
+                return None if obj is None else ReceivedChunk(obj, nbytes)
+
+        def get(conn: WireClient, deadline: float) -> Reply:
+            most = conn.peer_limits.max_payload if max_bytes is None else max_bytes
+            return conn.call(Op.GET, name.encode(), arg=most, max_reply=most,
+                             deadline=deadline, sink=sink)
+
+        reply = self._with_connection(get)
+        if reply.status == Status.OK:
+            if sink is not None:
+                return b"" if reply.value is None else reply.value  # b"": a bad value
+            return reply.payload
+        if reply.status == Status.NOT_FOUND:
+            return None
+        if reply.status == Status.TOO_LARGE:
+            return b""  # longer than any chunk of this engine: a bad value, not sent
+        raise ProtocolError(f"GET answered {reply.status.name}: {reply.message()}")
+
+    def exists(self, name: str) -> bool:
+        return self._found(Op.EXISTS, name)
+
+    def delete(self, name: str) -> bool:
+        return self._found(Op.DELETE, name)
+
+    def _found(self, op: Op, name: str) -> bool:
+        reply = self._call(op, name)
+        if reply.status in (Status.OK, Status.NOT_FOUND):
+            return reply.status == Status.OK
+        raise ProtocolError(f"{op.name} answered {reply.status.name}: {reply.message()}")
+
+    def server_stats(self) -> dict[str, Any]:
+        """The server's counters (its ``STATS`` reply)."""
+        reply = self._call(Op.STATS, "")
+        if reply.status != Status.OK:
+            raise ProtocolError(f"STATS answered {reply.status.name}: {reply.message()}")
+        return json.loads(bytes(reply.payload))
+
+    def reset(self) -> None:
+        """Close the idle connections; the ones in use are closed when they come back,
+        and calls blocked on them end now (their sockets are shut down)."""
+        with self._lock:
+            self._generation += 1
+            idle, self._idle = self._idle, []
+            busy = list(self._busy)
+        for conn in idle:
+            conn.close()
+        for conn in busy:
+            conn.shutdown()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.reset()
+
+
+def _key_of(name: str) -> CacheEngineKey | None:
+    try:
+        return CacheEngineKey.from_string(name.partition("/")[2])
+    except ValueError:
+        return None
+
+
+class LMServerBackend(RemoteBackend):
+    """The ``lm`` tier: lmcache's remote kit over `LMServerTransport`.
+
+    Selected by ``remote_url: lm://host:port`` (the ``remote`` tier hands ``lm://`` URLs
+    here) or as ``{name: lm, url: lm://host:port}`` in ``storage_backends``.
+    """
+
+    class Options(RemoteOptions):
+        connections: int = Field(
+            default=8, ge=0, description="Idle connections to the server kept for reuse "
+            "(more are opened while more calls run at once).")
+
+    @classmethod
+    def from_options(cls, options: LMServerBackend.Options, config: Any, metadata: Any,
+                     context: TierContext) -> LMServerBackend:
+        context.allocator_for(cls)  # before a transport is made
+        transport = LMServerTransport(options.url, namespace=options.namespace,
+                                      timeout_s=options.timeout_s,
+                                      connections=options.connections)
+        backend = cls.from_transport(transport, options, config, metadata, context)
+        if options.serde == "naive":  # its value is the object itself: receive it in place
+            backend.serde = ReceivingSerde(backend.serde)
+            transport.receive_into(backend.memory_allocator, backend.chunk_spec)
+        return backend

@@ -1,0 +1,16 @@
+"""lmcache's network services, on the top floor (they may import anything).
+
+* the cache server (`lmcache.server.cache_server`): engines share chunks through it with
+  ``remote_url: lm://host:port``; it keeps them in lmcache's own tiers
+  (`lmcache.server.store`);
+* `lmcache.server.framed`: the threaded server of the wire protocol
+  (`lmcache.kits.wire`) that the cache server and the peer-to-peer chunk service share.
+
+Start the cache server with ``python -m lmcache.server HOST PORT`` (also
+``python -m lmcache.experimental.server``, ``python -m lmcache.v1.server`` and
+``lmcache server``); `main` is that command.
+"""
+
+from lmcache.server.main import main
+
+__all__ = ["main"]
