@@ -3,8 +3,8 @@
 * the cache server (`lmcache.server.cache_server`): engines share chunks through it with
   ``remote_url: lm://host:port``; it keeps them in lmcache's own tiers
   (`lmcache.server.store`);
-* `lmcache.server.framed`: the threaded server of the wire protocol
-  (`lmcache.kits.wire`) that the cache server and the peer-to-peer chunk service share.
+* it serves the wire protocol (`lmcache.kits.wire`) with the threaded server of
+  `lmcache.kits.wire_server`, which the peer-to-peer tier uses for its chunk service too.
 
 Start the cache server with ``python -m lmcache.server HOST PORT`` (also
 ``python -m lmcache.experimental.server``, ``python -m lmcache.v1.server`` and

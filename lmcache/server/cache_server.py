@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from lmcache.kits.wire import CACHE_SERVER, Limits, Op, Status
-from lmcache.server.framed import Frame, FrameServer
+from lmcache.kits.wire_server import Frame, FrameServer
 from lmcache.server.store import BadName, ChunkStore, parse_name
 
 __all__ = ["SERVICE", "CacheServer"]
@@ -34,7 +34,7 @@ SERVICE = CACHE_SERVER
 
 class CacheServer(FrameServer):
     """Serves a `ChunkStore` to many clients at once (a thread per connection; see
-    `lmcache.server.framed`) and logs its counters every ``stats_interval_s``."""
+    `lmcache.kits.wire_server`) and logs its counters every ``stats_interval_s``."""
 
     service = SERVICE
     operations = frozenset({Op.PUT, Op.GET, Op.EXISTS, Op.DELETE, Op.STATS})

@@ -37,7 +37,7 @@ from lmcache.kits.wire import (
     send_frame,
     write_frame,
 )
-from lmcache.server.framed import Frame, FrameServer
+from lmcache.kits.wire_server import Frame, FrameServer
 
 LIMITS = Limits(max_key=64, max_payload=1 << 20, max_message=4096)
 

@@ -39,32 +39,21 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field
 
-from lmcache.abc.remote_transport import RemoteTransport, RemoteUnavailable
-from lmcache.abc.serde import Serde
+from lmcache.abc.remote_transport import RemoteTransport
 from lmcache.abc.storage_backend import TierContext
-from lmcache.kits.object_format import HEADER_SIZE, decode_header, fill_object
 from lmcache.kits.remote import RemoteBackend, RemoteOptions, redact_url
-from lmcache.kits.wire import (
-    CACHE_SERVER,
-    Op,
-    PayloadReader,
-    ProtocolError,
-    Reply,
-    Status,
-    WireClient,
-)
+from lmcache.kits.wire import CACHE_SERVER, Op, ProtocolError, Reply, Status, WireClient
+from lmcache.kits.wire_pool import ReceivedChunk, ReceivingSerde, WirePool, chunk_sink
 from lmcache.utils import Buffer, CacheEngineKey, LogOnce
 
 if TYPE_CHECKING:
-    from lmcache.abc.memory import MemoryAllocatorInterface, MemoryObj
+    from lmcache.abc.memory import MemoryAllocatorInterface
     from lmcache.abc.storage_backend import ChunkSpec
 
 __all__ = ["LMServerBackend", "LMServerTransport", "ReceivedChunk", "ReceivingSerde",
@@ -91,78 +80,6 @@ def parse_lm_url(url: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
-class ReceivedChunk:
-    """A value that a get received straight into a memory object (see the module
-    documentation): what `LMServerTransport.get` returns instead of bytes once
-    `LMServerTransport.receive_into` was called. ``len()`` is the value's length.
-    `take` hands the object over; if nobody takes it, it is released when this is
-    dropped (a get that its caller gave up on)."""
-
-    __slots__ = ("_obj", "_nbytes")
-
-    def __init__(self, obj: MemoryObj, nbytes: int) -> None:
-        self._obj: MemoryObj | None = obj
-        self._nbytes = nbytes
-
-    def __len__(self) -> int:
-        return self._nbytes
-
-    def take(self) -> MemoryObj | None:
-        obj, self._obj = self._obj, None
-        return obj
-
-    def __del__(self) -> None:
-        obj, self._obj = self._obj, None
-        if obj is not None:
-            obj.ref_count_down()
-
-
-def receive_chunk(reader: PayloadReader, key: CacheEngineKey | None,
-                  allocator: MemoryAllocatorInterface, spec: ChunkSpec | None
-                  ) -> MemoryObj | None:
-    """The chunk of ``key`` whose object (header, payload) ``reader`` delivers, received
-    straight into a memory object from ``allocator``; ``None`` when it is not that
-    chunk, not this engine's kind of chunk, damaged, or there is no memory (the checks of
-    the ``naive`` serde, made on the header before anything is allocated)."""
-    nbytes = reader.remaining
-    if nbytes < HEADER_SIZE:
-        return None
-    header = decode_header(reader.read(HEADER_SIZE))
-    if header is None or header.total_size != nbytes or header.problem(key, spec):
-        return None
-
-    def receive(payload: memoryview) -> bool:
-        reader.read_into(payload)
-        return True
-
-    return fill_object(header, allocator, receive)
-
-
-class ReceivingSerde(Serde):
-    """A serde that takes a `ReceivedChunk` as the decoded chunk and hands everything
-    else to ``inner`` (the ``naive`` serde it wraps)."""
-
-    def __init__(self, inner: Serde) -> None:
-        self.inner = inner
-
-    def serialize(self, memory_obj: MemoryObj, key: CacheEngineKey | None = None) -> Any:
-        return self.inner.serialize(memory_obj, key)
-
-    def serialize_parts(self, memory_obj: MemoryObj, key: CacheEngineKey | None = None
-                        ) -> Sequence[Buffer]:
-        return self.inner.serialize_parts(memory_obj, key)
-
-    def max_value_size(self, payload_bytes: int) -> int:
-        return self.inner.max_value_size(payload_bytes)
-
-    def deserialize(self, data: Any, allocator: MemoryAllocatorInterface,
-                    key: CacheEngineKey | None = None, spec: ChunkSpec | None = None
-                    ) -> MemoryObj | None:
-        if isinstance(data, ReceivedChunk):
-            return data.take()
-        return self.inner.deserialize(data, allocator, key, spec)
-
-
 class LMServerTransport(RemoteTransport):
     """Values in an lmcache cache server (see the module documentation).
 
@@ -173,19 +90,12 @@ class LMServerTransport(RemoteTransport):
 
     def __init__(self, url: str, *, namespace: str = "lmcache", timeout_s: float = 10.0,
                  connections: int = 8) -> None:
-        self.host, self.port = parse_lm_url(url)
-        if not timeout_s > 0 or connections < 0:
-            raise ValueError(f"timeout_s must be > 0 and connections >= 0, got {timeout_s}, "
-                             f"{connections}")
+        self.host, self.port = host, port = parse_lm_url(url)
         self.description = redact_url(url)
+        self.pool = WirePool(host, port, CACHE_SERVER, timeout_s=timeout_s,
+                             connections=connections, description=self.description)
         self.namespace = namespace
         self.timeout_s = float(timeout_s)
-        self.max_idle = connections
-        self._lock = threading.Lock()
-        self._idle: list[WireClient] = []
-        self._busy: set[WireClient] = set()
-        self._generation = 0
-        self._closed = False
         self._log_once = LogOnce(logger, f"{self.description}: ")
         self._receive: tuple[MemoryAllocatorInterface, ChunkSpec | None] | None = None
 
@@ -196,68 +106,8 @@ class LMServerTransport(RemoteTransport):
         a tier whose serde is ``naive`` and wrapped in `ReceivingSerde`."""
         self._receive = (allocator, spec)
 
-    # -- connections -----------------------------------------------------------------------
-
-    def _acquire(self, deadline: float) -> tuple[WireClient, int]:
-        while True:
-            with self._lock:
-                if self._closed:
-                    raise RemoteUnavailable("the transport is closed")
-                generation = self._generation
-                conn = self._idle.pop() if self._idle else None
-                if conn is not None:
-                    self._busy.add(conn)
-            if conn is None:
-                break
-            if not conn.stale():
-                return conn, generation
-            self._drop(conn)
-        try:
-            conn = WireClient.connect(self.host, self.port, deadline, expect_service=CACHE_SERVER)
-        except (TimeoutError, ProtocolError):
-            raise
-        except OSError as exc:
-            raise RemoteUnavailable(f"{self.description}: {exc}") from exc
-        with self._lock:
-            self._busy.add(conn)
-        return conn, generation
-
-    def _release(self, conn: WireClient, generation: int) -> None:
-        with self._lock:
-            self._busy.discard(conn)
-            keep = (not self._closed and not conn.closed and generation == self._generation
-                    and len(self._idle) < self.max_idle)
-            if keep:
-                self._idle.append(conn)
-        if not keep:
-            conn.close()
-
-    def _drop(self, conn: WireClient) -> None:
-        with self._lock:
-            self._busy.discard(conn)
-        conn.close()
-
-    def _with_connection(self, fn: Callable[[WireClient, float], T]) -> T:
-        """``fn(connection, deadline)`` on a pooled connection, within ``timeout_s``."""
-        deadline = time.monotonic() + self.timeout_s
-        conn, generation = self._acquire(deadline)
-        try:
-            result = fn(conn, deadline)
-        except (TimeoutError, ProtocolError):
-            self._drop(conn)
-            raise
-        except OSError as exc:
-            self._drop(conn)
-            raise RemoteUnavailable(f"{self.description}: {type(exc).__name__}: {exc}") \
-                from exc
-        except BaseException:
-            self._drop(conn)
-            raise
-        self._release(conn, generation)
-        return result
-
     def _call(self, op: Op, name: str, *, arg: int = 0) -> Reply:
-        return self._with_connection(
+        return self.pool.call(
             lambda conn, deadline: conn.call(op, name.encode(), arg=arg, deadline=deadline))
 
     # -- the transport ---------------------------------------------------------------------
@@ -273,7 +123,7 @@ class LMServerTransport(RemoteTransport):
                 return None
             return conn.call(Op.PUT, name.encode(), parts, deadline=deadline)
 
-        reply = self._with_connection(put)
+        reply = self.pool.call(put)
         if reply is None:
             self._log_once("over-limit", "a value of %d bytes is over the server's limit "
                            "(--max-value-mb); not stored", size)
@@ -285,22 +135,14 @@ class LMServerTransport(RemoteTransport):
 
     def get(self, name: str, max_bytes: int | None = None) -> Any:
         receive = self._receive
-        sink = None
-        if receive is not None:
-            allocator, spec = receive
-            key = _key_of(name)
-
-            def sink(reader: PayloadReader) -> ReceivedChunk | None:
-                nbytes = reader.remaining
-                obj = receive_chunk(reader, key, allocator, spec)
-                return None if obj is None else ReceivedChunk(obj, nbytes)
+        sink = None if receive is None else chunk_sink(_key_of(name), *receive)
 
         def get(conn: WireClient, deadline: float) -> Reply:
             most = conn.peer_limits.max_payload if max_bytes is None else max_bytes
             return conn.call(Op.GET, name.encode(), arg=most, max_reply=most,
                              deadline=deadline, sink=sink)
 
-        reply = self._with_connection(get)
+        reply = self.pool.call(get)
         if reply.status == Status.OK:
             if sink is not None:
                 return b"" if reply.value is None else reply.value  # b"": a bad value
@@ -331,21 +173,10 @@ class LMServerTransport(RemoteTransport):
         return json.loads(bytes(reply.payload))
 
     def reset(self) -> None:
-        """Close the idle connections; the ones in use are closed when they come back,
-        and calls blocked on them end now (their sockets are shut down)."""
-        with self._lock:
-            self._generation += 1
-            idle, self._idle = self._idle, []
-            busy = list(self._busy)
-        for conn in idle:
-            conn.close()
-        for conn in busy:
-            conn.shutdown()
+        self.pool.reset()
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-        self.reset()
+        self.pool.close()
 
 
 def _key_of(name: str) -> CacheEngineKey | None:

@@ -1,5 +1,5 @@
 """A threaded server of the wire protocol (`lmcache.kits.wire`): the part that the cache
-server and the peer-to-peer chunk service share.
+server (`lmcache.server`) and the peer-to-peer chunk service (the ``p2p`` tier) share.
 
 One thread accepts connections; each connection is served by a thread of its own, up to
 ``max_clients`` at once (one more is answered BUSY and closed). A connection waits at most
