@@ -14,31 +14,43 @@ from urllib.parse import quote, unquote
 #: What a serde produces and a transport moves: any contiguous buffer of bytes.
 Buffer = bytes | bytearray | memoryview
 
-_HEX = re.compile(r"[0-9a-f]{16,128}")
 _SAFE_FMT = re.compile(r"[A-Za-z0-9_]{1,32}")
-_DIGITS = re.compile(r"0|[1-9][0-9]{0,8}")
+_WORLD_SIZE = re.compile(r"0|[1-9][0-9]{0,8}")
+_WORKER_ID = re.compile(r"-?(0|[1-9][0-9]{0,8})")
+#: Integers of a key's string form have at most 9 digits.
+_INT_LIMIT = 10**9
 #: Longest percent-encoded model name in a key: with the other fields and a 128-digit
 #: hash, the string form stays well under the 255-byte file-name limit of common file
 #: systems. A longer name (a model served from a deep local path) is shortened.
 MAX_MODEL_CHARS = 96
 #: Of a shortened model name, the encoded characters kept from its end.
 _KEPT_TAIL_CHARS = 48
+#: Longest percent-encoded chunk hash in a key; a longer one is replaced by ``~`` and
+#: the hex sha256 of it.
+MAX_HASH_CHARS = 128
 
 
 @dataclass(frozen=True, order=True)
 class CacheEngineKey:
     """The name of one chunk of KV cache.
 
-    ``chunk_hash`` is the hex digest of the chained prefix hash (see
-    `ChunkedTokenDatabase`). The string form
-    ``fmt@model_name@world_size@worker_id@chunk_hash`` is a single path component for
-    any model name: the model name is percent-encoded, so it contains no ``/``, no
-    ``@`` and cannot be ``.`` or ``..``. `from_string` parses it back exactly.
+    ``chunk_hash`` names the chunk's prefix: for `ChunkedTokenDatabase` the hex digest
+    of the chained prefix hash. Any non-empty string is accepted (a third-party token
+    database's own hashes), and so is an int, which the key holds as its hex digits
+    (``255`` and ``"ff"`` are one key: one key, one string form). ``worker_id`` is any
+    int of at most 9 digits, as in the seed (which allowed ``-1`` and ids beyond
+    ``world_size``); ``world_size`` is at least 1.
+
+    The string form ``fmt@model_name@world_size@worker_id@chunk_hash`` is a single path
+    component whatever the fields hold: the model name and the chunk hash are
+    percent-encoded, so it contains no ``/``, no ``@`` and cannot be ``.`` or ``..``.
+    `from_string` parses it back exactly and accepts nothing but that canonical form.
 
     A model name longer than `MAX_MODEL_CHARS` once encoded (a Hugging Face snapshot
     path, say) is stored in the key shortened to its last characters, ``~`` and 32 hex
-    digits of its sha256: keys stay file names, the same name always gives the same key,
-    and two different names never share one.
+    digits of its sha256; a chunk hash longer than `MAX_HASH_CHARS` once encoded
+    becomes ``~`` and its sha256. Keys stay file names, the same fields always give the
+    same key, and two different ones never share one.
     """
 
     fmt: str
@@ -57,21 +69,32 @@ class CacheEngineKey:
         if not isinstance(self.model_name, str) or not self.model_name:
             raise bad("model_name", "a non-empty string")
         try:
-            encoded = _encode_model(self.model_name)
+            encoded = _encode(self.model_name)
         except UnicodeEncodeError:
             raise bad("model_name", "valid Unicode text") from None
         if len(encoded) > MAX_MODEL_CHARS:
             object.__setattr__(self, "model_name", _shorten_model(self.model_name))
-        if not (_is_int(self.world_size) and self.world_size >= 1):
-            raise bad("world_size", "an int >= 1")
-        if not (_is_int(self.worker_id) and 0 <= self.worker_id < self.world_size):
-            raise bad("worker_id", "an int in [0, world_size)")
-        if not isinstance(self.chunk_hash, str) or not _HEX.fullmatch(self.chunk_hash):
-            raise bad("chunk_hash", "a lowercase hex digest of 16-128 digits")
+        if not (_is_int(self.world_size) and 1 <= self.world_size < _INT_LIMIT):
+            raise bad("world_size", "an int >= 1 of at most 9 digits")
+        if not (_is_int(self.worker_id) and -_INT_LIMIT < self.worker_id < _INT_LIMIT):
+            raise bad("worker_id", "an int of at most 9 digits")
+        chunk_hash = self.chunk_hash
+        if _is_int(chunk_hash):
+            chunk_hash = format(chunk_hash, "x")
+        elif not isinstance(chunk_hash, str) or not chunk_hash:
+            raise bad("chunk_hash", "a non-empty string or an int")
+        try:
+            encoded = _encode(chunk_hash)
+        except UnicodeEncodeError:
+            raise bad("chunk_hash", "valid Unicode text") from None
+        if len(encoded) > MAX_HASH_CHARS:
+            chunk_hash = "~" + hashlib.sha256(chunk_hash.encode("utf-8")).hexdigest()
+        if chunk_hash is not self.chunk_hash:
+            object.__setattr__(self, "chunk_hash", chunk_hash)
 
     def to_string(self) -> str:
-        model = _encode_model(self.model_name)
-        return f"{self.fmt}@{model}@{self.world_size}@{self.worker_id}@{self.chunk_hash}"
+        return (f"{self.fmt}@{_encode(self.model_name)}@{self.world_size}@{self.worker_id}"
+                f"@{_encode(self.chunk_hash)}")
 
     def __str__(self) -> str:
         return self.to_string()
@@ -83,10 +106,10 @@ class CacheEngineKey:
             raise ValueError(
                 f"not a chunk key: expected 'fmt@model@world_size@worker_id@hash', got {s!r}")
         fmt, model, world_size, worker_id, chunk_hash = parts
-        if not (_DIGITS.fullmatch(world_size) and _DIGITS.fullmatch(worker_id)):
+        if not (_WORLD_SIZE.fullmatch(world_size) and _WORKER_ID.fullmatch(worker_id)):
             raise ValueError(f"not a chunk key: world_size and worker_id must be integers in {s!r}")
         key = CacheEngineKey(fmt, unquote(model, errors="strict"), int(world_size),
-                             int(worker_id), chunk_hash)
+                             int(worker_id), unquote(chunk_hash, errors="strict"))
         if key.to_string() != s:  # one key, one spelling: no aliases such as %2e or 01
             raise ValueError(f"not a chunk key in canonical form: {s!r}")
         return key
@@ -96,14 +119,15 @@ def _shorten_model(model_name: str) -> str:
     digest = hashlib.sha256(model_name.encode("utf-8")).hexdigest()[:32]
     tail = ""
     for ch in reversed(model_name):
-        if len(_encode_model(ch + tail)) > _KEPT_TAIL_CHARS:
+        if len(_encode(ch + tail)) > _KEPT_TAIL_CHARS:
             break
         tail = ch + tail
     return f"{tail}~{digest}"
 
 
-def _encode_model(model_name: str) -> str:
-    return quote(model_name, safe="", errors="strict").replace(".", "%2E")
+def _encode(text: str) -> str:
+    # "." is encoded too, so that no field is "." or ".." (nor hides a file extension)
+    return quote(text, safe="", errors="strict").replace(".", "%2E")
 
 
 def _is_int(value: object) -> bool:

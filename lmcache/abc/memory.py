@@ -58,9 +58,9 @@ class MemoryObjError(RuntimeError):
 class DoubleFreeError(MemoryObjError):
     """A MemoryObj was released more often than it was acquired.
 
-    Raised by ``ref_count_down()`` on an object whose reference count is already zero,
-    by ``unpin()`` on an object that is not pinned, and by an allocator's ``free()`` of
-    an object it does not currently hold as allocated.
+    Raised by ``ref_count_down()`` on an object whose reference count is already zero
+    and by ``unpin()`` on an object that is not pinned. (An allocator's second
+    ``free()`` of one object only logs a warning.)
     """
 
 
@@ -94,10 +94,11 @@ class MemoryObj(abc.ABC):
         Whoever keeps the object beyond the current call (a storage tier, a pending
         asynchronous write) takes its own reference with `ref_count_up` and gives
         it back with `ref_count_down`. When the count reaches zero the memory goes
-        back to the allocator that made it, and the object becomes *invalid*: reading
-        `tensor` or `byte_array` then raises `InvalidMemoryObjError`,
-        because the same bytes may already belong to another chunk. Releasing more often
-        than acquiring raises `DoubleFreeError`. Counting is thread-safe.
+        back to the allocator that made it, and the object becomes *invalid*: because
+        the same bytes may already belong to another chunk, `tensor` is then ``None``
+        (with a warning, as in the seed) and `byte_array`, `ref_count_up` and `pin`
+        raise `InvalidMemoryObjError`. Releasing more often than acquiring raises
+        `DoubleFreeError`. Counting is thread-safe.
 
     Pinning
         `pin` marks an object that storage tiers must never evict (a chunk that a
@@ -128,7 +129,8 @@ class MemoryObj(abc.ABC):
     def tensor(self) -> torch.Tensor | None:
         """A typed view of the payload, or ``None`` for memory that is not a tensor.
 
-        Raises `InvalidMemoryObjError` once the object is freed or invalidated.
+        ``None`` (and a logged warning) once the object is freed or invalidated: never a
+        view of memory that may hold another chunk by now.
         """
 
     @property
@@ -208,8 +210,10 @@ class MemoryAllocatorInterface(abc.ABC):
       exception. Malformed requests (negative dimensions, no dtype for tensor memory)
       raise ``ValueError`` naming what was expected.
     * `free` takes the memory back. Callers do not call it directly; an object's
-      last ``ref_count_down()`` does. Freeing an object that is not currently allocated
-      raises `DoubleFreeError`. After ``free`` the object is invalid.
+      last ``ref_count_down()`` does. After ``free`` the object is invalid. Freeing an
+      object a second time does nothing but log a warning (the seed's behaviour): the
+      allocator recognises its live objects by identity, so memory that another object
+      holds by now is never touched. An object of another allocator is a ``ValueError``.
     * All methods are safe to call from several threads.
     * For tests and leak checks, an allocator reports `num_active_allocations`,
       `allocated_bytes` (bytes reserved, alignment included) and `capacity`
@@ -238,8 +242,8 @@ class MemoryAllocatorInterface(abc.ABC):
     def free(self, memory_obj: MemoryObj) -> None:
         """Take back ``memory_obj``'s memory and invalidate it.
 
-        Not to be called directly: use ``memory_obj.ref_count_down()``. Raises
-        `DoubleFreeError` if ``memory_obj`` is not currently allocated here.
+        Not to be called directly: use ``memory_obj.ref_count_down()``. An object this
+        allocator has already freed is ignored, with a warning.
         """
 
     @abc.abstractmethod

@@ -220,12 +220,15 @@ class LMCacheEngine:
             hit_tokens=int(ret_mask.sum()), duration_s=duration, operation="retrieve")
         return ret_mask
 
-    def lookup(self, tokens: torch.Tensor, search_range: list[str] | None = None, *,
+    def lookup(self, tokens: torch.Tensor, search_range: list[str] | str | None = None, *,
                cache_salt: str | None = None) -> int:
         """How many prefix tokens of ``tokens`` are cached (a contiguous prefix of chunks).
 
         :param search_range: tier names to search (``local_cpu``, ``local_disk``, ... —
-            the seed's ``Hot`` and ``LocalDiskBackend`` are accepted too); all if None.
+            the seed's ``Hot``, and a tier's class name or a base's, such as
+            ``LocalCPUBackend``, ``LocalDiskBackend`` or ``RemoteBackend``, are accepted
+            too); one name may be given bare; all tiers if None. An unknown name is a
+            ``ValueError``.
         :param cache_salt: the request's salt, as given to `store`.
         """
         self._check_open()
@@ -295,10 +298,17 @@ def _add(record: list, key: Any, num_tokens: int, num_bytes: int) -> None:
 
 
 class LMCacheEngineBuilder:
-    """Process-wide registry of engines by instance id."""
+    """Process-wide registry of engines by instance id.
+
+    An engine may also be known by aliases (`add_alias`): names shared by the engines an
+    integration makes, such as the seed's ``ENGINE_NAME`` of the vLLM integration, so
+    that ``destroy(alias)`` closes every engine made under it in this process -- and is
+    a no-op in a process that made none.
+    """
 
     _lock = threading.Lock()
     _instances: dict[str, LMCacheEngine] = {}
+    _aliases: dict[str, list[str]] = {}
 
     @classmethod
     def get_or_create(cls, instance_id: str, config: LMCacheEngineConfig,
@@ -339,15 +349,42 @@ class LMCacheEngineBuilder:
         return engine
 
     @classmethod
-    def get(cls, instance_id: str) -> LMCacheEngine | None:
-        """The engine registered as ``instance_id``, or None if not found."""
+    def add_alias(cls, alias: str, instance_id: str) -> None:
+        """Let ``alias`` name the engine ``instance_id`` too (several engines may share
+        one alias). `get` answers an alias that is not an instance id with the first
+        engine still registered under it; `destroy` closes them all.
+
+        :raises KeyError: if no engine is registered as ``instance_id``.
+        """
         with cls._lock:
-            return cls._instances.get(instance_id)
+            if instance_id not in cls._instances:
+                raise KeyError(f"no LMCache engine {instance_id!r} to alias as {alias!r}")
+            ids = cls._aliases.setdefault(alias, [])
+            if instance_id not in ids:
+                ids.append(instance_id)
+
+    @classmethod
+    def get(cls, instance_id: str) -> LMCacheEngine | None:
+        """The engine registered as ``instance_id`` (or, failing that, the first one
+        aliased as ``instance_id``), or None if not found."""
+        with cls._lock:
+            engine = cls._instances.get(instance_id)
+            if engine is None:
+                for aliased in cls._aliases.get(instance_id, ()):
+                    return cls._instances[aliased]
+            return engine
 
     @classmethod
     def destroy(cls, instance_id: str) -> None:
-        """Close the engine registered as ``instance_id`` and forget it."""
+        """Close the engine registered as ``instance_id`` and every engine aliased as
+        ``instance_id``, and forget them; nothing to do if there is none."""
         with cls._lock:
-            engine = cls._instances.pop(instance_id, None)
-        if engine is not None:
+            ids = [instance_id, *cls._aliases.pop(instance_id, ())]
+            engines = [e for e in (cls._instances.pop(i, None) for i in dict.fromkeys(ids))
+                       if e is not None]
+            for alias, aliased in list(cls._aliases.items()):
+                aliased[:] = [i for i in aliased if i in cls._instances]
+                if not aliased:
+                    del cls._aliases[alias]
+        for engine in engines:
             engine.close()

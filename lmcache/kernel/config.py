@@ -175,7 +175,7 @@ class LMCacheEngineConfig(BaseModel):
         "every chunk in flight lives there, so it must be > 0.")
     local_disk: str | None = Field(
         None, description="Directory or fsspec URL of the disk tier (`file:///path`, "
-        "`memory://x`, `s3://bucket/prefix`); null disables the tier.")
+        "`memory://x`, `s3://bucket/prefix`); null (or false) disables the tier.")
     max_local_disk_size: float = Field(
         0.0, ge=0, description="Budget of the disk tier in GB; least recently used chunks "
         "are evicted beyond it.")
@@ -248,6 +248,12 @@ class LMCacheEngineConfig(BaseModel):
         if isinstance(value, bool):
             raise ValueError("expected an integer, not a boolean")
         return value
+
+    @field_validator("local_disk", mode="before")
+    @classmethod
+    def _false_is_no_disk(cls, value: Any) -> Any:
+        # the seed's callers spell "no disk tier" local_disk=False as well as None
+        return None if value is False else value
 
     @field_validator("allocator", "token_database", "gpu_connector", mode="before")
     @classmethod
@@ -408,7 +414,7 @@ class LMCacheEngineConfig(BaseModel):
         chunk_size: int = 256,
         local_cpu: bool = True,
         max_local_cpu_size: float = 5.0,
-        local_disk: str | None = None,
+        local_disk: str | bool | None = None,
         max_local_disk_size: int = 0,
         remote_url: str | None = "lm://localhost:65432",
         remote_serde: str | None = "naive",

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 #: The seed's name of the hot tier in ``search_range``; a tier may also be named there by
 #: its backend's class name (the seed's ``LocalCPUBackend``, ``LocalDiskBackend``).
 HOT_ALIAS = "Hot"
+#: Where the search for a tier's class-name aliases stops in its MRO.
+_NOT_ALIASES = (StorageBackendInterface, object)
 #: Longest a retrieve waits for a chunk that a prefetch is already loading.
 PREFETCH_WAIT_S = 30.0
 #: Chunks `StorageManager.iter_get` reads ahead from the tiers below the hot tier.
@@ -192,6 +194,11 @@ class StorageManager:
             self.hot_tier_name = name
 
     @property
+    def memory_allocator(self) -> MemoryAllocatorInterface:
+        """The seed's name of `allocator`."""
+        return self.allocator
+
+    @property
     def hot_tier(self) -> StorageBackendInterface | None:
         """The tier hits are promoted into (the first `HotTier`), or None."""
         return None if self.hot_tier_name is None else self.tiers[self.hot_tier_name]
@@ -214,14 +221,30 @@ class StorageManager:
                                f"{type(exc).__name__}: {exc}") from exc
         self._report(tier, operation, exc)
 
-    def _tiers_in(self, search_range: Sequence[str] | None) -> list[tuple[str, Any]]:
+    def _tiers_in(self, search_range: Sequence[str] | str | None) -> list[tuple[str, Any]]:
         if search_range is None:
             return list(self.tiers.items())
-        aliases = {type(t).__name__: n for n, t in self.tiers.items()}
+        if isinstance(search_range, str):  # the seed's callers pass one name bare
+            search_range = [search_range]
+        aliases: dict[str, set[str]] = {}
+        for name, tier in self.tiers.items():
+            # a tier answers to its class's name and its bases' (the seed's
+            # ``RemoteBackend`` for every tier built on the remote kit)
+            for cls in type(tier).__mro__:
+                if cls in _NOT_ALIASES:
+                    break
+                aliases.setdefault(cls.__name__, set()).add(name)
         if self.hot_tier_name is not None:
-            aliases[HOT_ALIAS] = self.hot_tier_name
-        wanted = {n if n in self.tiers else aliases.get(n, n) for n in search_range}
-        unknown = wanted - set(self.tiers)
+            aliases[HOT_ALIAS] = {self.hot_tier_name}
+        wanted: set[str] = set()
+        unknown = []
+        for n in search_range:
+            if n in self.tiers:
+                wanted.add(n)
+            elif n in aliases:
+                wanted |= aliases[n]
+            else:
+                unknown.append(n)
         if unknown:
             raise ValueError(f"search_range names unknown tiers {sorted(unknown)}; "
                              f"configured tiers: {list(self.tiers)}")
@@ -262,7 +285,8 @@ class StorageManager:
 
     # -- operations --------------------------------------------------------------------------
 
-    def contains(self, key: CacheEngineKey, search_range: Sequence[str] | None = None) -> bool:
+    def contains(self, key: CacheEngineKey,
+                 search_range: Sequence[str] | str | None = None) -> bool:
         for name, tier in self._tiers_in(search_range):
             try:
                 if tier.contains(key):

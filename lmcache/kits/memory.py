@@ -10,6 +10,7 @@ another way (huge pages, a shared-memory segment) wraps it the same way.
 from __future__ import annotations
 
 import bisect
+import logging
 import operator
 import threading
 from collections.abc import Sequence
@@ -26,6 +27,12 @@ from lmcache.abc.memory import (
     MemoryObj,
     MemoryObjMetadata,
 )
+from lmcache.utils import LogOnce
+
+logger = logging.getLogger(__name__)
+#: Misuse that the seed tolerated (a freed object's tensor, a second free): warned once
+#: per kind, then logged at DEBUG level.
+_log_misuse = LogOnce(logger)
 
 __all__ = [
     "BytesBufferMemoryObj",
@@ -35,6 +42,7 @@ __all__ = [
     "TensorMemoryObj",
     "normalize_shape",
     "release",
+    "warn_second_free",
 ]
 
 
@@ -57,11 +65,14 @@ class RefCountedMemoryObj(MemoryObj):
     def get_memory_format(self) -> MemoryFormat:
         return self._metadata.fmt
 
+    def _describe(self) -> str:
+        return f"{type(self).__name__} at address {self._metadata.address}"
+
     def _check_valid(self) -> None:
         if not self._valid:
             raise InvalidMemoryObjError(
-                f"{type(self).__name__} at address {self._metadata.address} was freed or "
-                "invalidated; its memory may already hold another chunk"
+                f"{self._describe()} was freed or invalidated; its memory may already hold "
+                "another chunk"
             )
 
     def ref_count_up(self) -> None:
@@ -155,7 +166,12 @@ class TensorMemoryObj(RefCountedMemoryObj):
 
     @property
     def tensor(self) -> torch.Tensor | None:
-        self._check_valid()
+        if not self._valid:
+            # The seed's answer: no tensor. Never a view of memory that may already hold
+            # another chunk; a caller that goes on to copy from None fails loudly.
+            _log_misuse("freed-tensor", "tensor of %s, which was freed or invalidated: "
+                        "returning None", self._describe())
+            return None
         m = self._metadata
         cache = self._view_cache
         if cache is not None and cache[0] == m.shape and cache[1] == m.dtype:
@@ -199,7 +215,6 @@ class BytesBufferMemoryObj(RefCountedMemoryObj):
 
     @property
     def tensor(self) -> torch.Tensor | None:
-        self._check_valid()
         return None
 
     @property
@@ -227,6 +242,15 @@ def release(memory_obj: MemoryObj) -> None:
         memory_obj._mark_freed()
     else:
         memory_obj.invalidate()
+
+
+def warn_second_free(memory_obj: MemoryObj) -> None:
+    """What an allocator's ``free`` does with an object it has already freed: nothing,
+    with a warning (the seed's behaviour). Safe because allocators recognise their live
+    objects by identity, so the memory, which may now belong to another object, is not
+    touched."""
+    _log_misuse("second-free", "free() of %r, which this allocator has already freed: "
+                "ignored", memory_obj)
 
 
 def normalize_shape(shape: Any) -> torch.Size:
@@ -323,7 +347,8 @@ class TensorMemoryAllocator(MemoryAllocatorInterface):
                     raise ValueError(
                         f"{memory_obj!r} was not allocated by this {type(self).__name__}"
                     )
-                raise DoubleFreeError(f"free() of {memory_obj!r}, which is not allocated")
+                warn_second_free(memory_obj)
+                return
             del self._live[address]
             phy_size = memory_obj.metadata.phy_size
             self._allocated_bytes -= phy_size
@@ -369,8 +394,41 @@ class TensorMemoryAllocator(MemoryAllocatorInterface):
     def allocated_bytes(self) -> int:
         return self._allocated_bytes
 
+    #: The seed's name of `allocated_bytes`.
+    total_allocated_size = allocated_bytes
+
     @property
     def capacity(self) -> int:
         return self._capacity
+
+    def memcheck(self) -> bool:
+        """Whether the free list and the live objects account for the region exactly:
+        free blocks sorted, merged and inside the region, no live object overlapping a
+        free block or another object, and the byte counts adding up. Logs what is wrong
+        and returns False; never raises (the seed's check)."""
+        with self._lock:
+            ranges = sorted([(b.start, b.end, "free") for b in self._free_blocks]
+                            + [(a, a + o.metadata.phy_size, "live")
+                               for a, o in self._live.items()])
+            problems = []
+            position = 0
+            for (start, end, kind), nxt in zip(ranges, ranges[1:] + [None]):
+                if start < position:
+                    problems.append(f"{kind} block [{start}, {end}) overlaps the one before")
+                position = max(position, end)
+                if kind == "free" and nxt is not None and nxt[2] == "free" \
+                        and nxt[0] == end:
+                    problems.append(f"free blocks at {start} and {end} are not merged")
+            if position > self._capacity:
+                problems.append(f"blocks reach byte {position}, past the region's "
+                                f"{self._capacity}")
+            free = sum(b.size for b in self._free_blocks)
+            live = sum(o.metadata.phy_size for o in self._live.values())
+            if live != self._allocated_bytes or free + live != self._capacity:
+                problems.append(f"{free} free + {live} live bytes (counted "
+                                f"{self._allocated_bytes}) for a region of {self._capacity}")
+        for problem in problems:
+            logger.error("memcheck of %s: %s", type(self).__name__, problem)
+        return not problems
 
 

@@ -114,8 +114,10 @@ def test_an_integer_mask_is_refused(engine):
 def test_unknown_keyword_arguments_are_refused(engine):
     e, g = engine()
     tokens = torch.arange(2 * CHUNK)
-    with pytest.raises(ValueError, match=r"unexpected keyword arguments \['offset'\]"):
-        e.store(tokens, offset=3, **kv(g, 2 * CHUNK))
+    # (``offset`` is the seed's and accepted by the paged connectors; see
+    # tests/unit/test_gpu_connector.py)
+    with pytest.raises(ValueError, match=r"unexpected keyword arguments \['ofset'\]"):
+        e.store(tokens, ofset=3, **kv(g, 2 * CHUNK))
 
 
 @pytest.mark.parametrize("bad, needle", [

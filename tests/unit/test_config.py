@@ -355,8 +355,13 @@ def test_json_schema_includes_installed_plugins():
 def test_metadata_validation():
     meta = LMCacheEngineMetadata("m", 2, 1, "vllm", torch.float16, [4, 2, 256, 8, 64])
     assert meta.kv_shape == (4, 2, 256, 8, 64)
+    # the seed's worker ids beyond world_size, and -1, name a worker like any other
+    assert LMCacheEngineMetadata("m", 3, 123, "vllm", torch.float16, (4, 2, 256, 8, 64))
+    assert LMCacheEngineMetadata("m", 1, -1, "vllm", torch.float16, (4, 2, 256, 8, 64))
     with pytest.raises(ValueError, match="worker_id"):
-        LMCacheEngineMetadata("m", 2, 2, "vllm", torch.float16, (4, 2, 256, 8, 64))
+        LMCacheEngineMetadata("m", 2, "1", "vllm", torch.float16, (4, 2, 256, 8, 64))
+    with pytest.raises(ValueError, match="world_size"):
+        LMCacheEngineMetadata("m", 0, 0, "vllm", torch.float16, (4, 2, 256, 8, 64))
     with pytest.raises(ValueError, match="kv_shape"):
         LMCacheEngineMetadata("m", 1, 0, "vllm", torch.float16, (4, 3, 256, 8, 64))
     with pytest.raises(ValueError, match="kv_dtype"):

@@ -204,6 +204,67 @@ def test_paged_arbitrary_ranges(data, layout, v1):
     obj.ref_count_down()
 
 
+@pytest.mark.parametrize("make", PAGED)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_offset_means_a_window_of_the_slot_mapping(make, layout, allocator):
+    # The seed's ``offset``: slot_mapping[i] is the slot of token offset + i. Moving
+    # chunks through a window must give exactly what the full slot mapping gives.
+    gen = torch.Generator().manual_seed(11)
+    connector = make()
+    src = _paged_cache(layout, torch.float16, gen)
+    dst = _paged_cache(layout, torch.float16, gen)
+    full = _slot_mapping(gen)
+    offset = 2 * CHUNK
+    window = full[offset:].clone()
+    connector.check_kwargs(SEQ_LEN, kvcaches=src, slot_mapping=window, offset=offset)
+    before = [f.clone() for f in _flats(dst)]
+    for start, end in _chunks()[2:]:
+        via_window = _alloc(allocator, connector, end - start, torch.float16)
+        connector.from_gpu(via_window, start, end, kvcaches=src, slot_mapping=window,
+                           offset=offset)
+        slots = full[start:end].tolist()
+        assert _same_bits(via_window.tensor, _expected_blob(src, slots))
+        connector.to_gpu(via_window, start, end, kvcaches=dst, slot_mapping=window,
+                         offset=offset)
+        via_window.ref_count_down()
+    written = full[offset:].tolist()
+    untouched = torch.ones(NUM_SLOTS, dtype=torch.bool)
+    untouched[written] = False
+    for got, old, want in zip(_flats(dst), before, _flats(src)):
+        assert _same_bits(got[:, written], want[:, written])
+        assert _same_bits(got[:, untouched], old[:, untouched])
+    # offset=0 (and None) is the full slot mapping
+    obj = _alloc(allocator, connector, CHUNK, torch.float16)
+    connector.from_gpu(obj, 0, CHUNK, kvcaches=src, slot_mapping=full, offset=0)
+    assert _same_bits(obj.tensor, _expected_blob(src, full[:CHUNK].tolist()))
+    obj.ref_count_down()
+
+
+@pytest.mark.parametrize("make", PAGED)
+def test_paged_offset_errors(make, allocator):
+    gen = torch.Generator().manual_seed(12)
+    connector = make()
+    src = _paged_cache("stacked", torch.float16, gen)
+    full = _slot_mapping(gen)
+    window = full[CHUNK:].clone()
+    # a chunk before the window cannot be moved
+    obj = _alloc(allocator, connector, CHUNK, torch.float16)
+    with pytest.raises(ValueError, match="begin before offset"):
+        connector.from_gpu(obj, 0, CHUNK, kvcaches=src, slot_mapping=window, offset=CHUNK)
+    obj.ref_count_down()
+    # through the engine a full slot mapping with an offset is refused, never misread
+    with pytest.raises(ValueError, match="with offset=64 expected 236"):
+        connector.check_kwargs(SEQ_LEN, kvcaches=src, slot_mapping=full, offset=CHUNK)
+    with pytest.raises(ValueError, match="too short"):
+        connector.check_kwargs(SEQ_LEN, kvcaches=src, slot_mapping=window[:10], offset=CHUNK)
+    with pytest.raises(ValueError, match="beyond"):
+        connector.check_kwargs(SEQ_LEN, kvcaches=src, slot_mapping=window,
+                               offset=SEQ_LEN + 1)
+    for bad in (-1, 1.5, True, "64", torch.tensor(64)):
+        with pytest.raises(ValueError, match="offset must be a non-negative int"):
+            connector.check_kwargs(SEQ_LEN, kvcaches=src, slot_mapping=window, offset=bad)
+
+
 def test_paged_accepts_int32_slot_mapping(allocator):
     gen = torch.Generator().manual_seed(2)
     connector = VLLMPagedMemGPUConnectorV2(HIDDEN, LAYERS)

@@ -394,12 +394,24 @@ def test_unrelated_files_are_ignored(open_backend, allocator, tmp_path):
     directory.mkdir()
     (directory / "README").write_text("hello")
     (directory / "not-a-key.kvobj").write_bytes(b"x" * 500)
-    (directory / "vllm@m@1@0@XYZ.kvobj").write_bytes(b"x" * 500)
+    (directory / "vllm@m@01@0@XYZ.kvobj").write_bytes(b"x" * 500)  # not canonical
     (directory / "subdir.kvobj").mkdir()
     backend = open_backend()
     assert backend.keys() == []
     store(backend, allocator, key(1), 1)
     assert (directory / "README").exists()  # never deleted: not ours
+
+
+def test_garbage_under_a_key_name_is_a_miss(open_backend, allocator, tmp_path):
+    # Any chunk hash makes a key (the seed's token databases need not use hex), so a file
+    # named like one is taken for an object of the tier; its content is checked on read.
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    (directory / "vllm@m@1@0@XYZ.kvobj").write_bytes(b"x" * 500)
+    backend = open_backend()
+    odd = CacheEngineKey("vllm", "m", 1, 0, "XYZ")
+    assert backend.get_blocking(odd) is None
+    assert allocator.num_active_allocations == 0
 
 
 def test_temp_files_from_a_crash_are_removed_at_start(open_backend, allocator, tmp_path):

@@ -21,7 +21,8 @@ from pydantic import ValidationError
 
 from lmcache.experimental.config import LMCacheEngineConfig, LMCacheEngineMetadata
 from lmcache.experimental.token_database import ChunkedTokenDatabase, TokenDatabase
-from lmcache.utils import MAX_MODEL_CHARS, CacheEngineKey, _encode_model
+from lmcache.utils import MAX_MODEL_CHARS, CacheEngineKey
+from lmcache.utils import _encode as _encode_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = b"lmcache/chunked-prefix/v1\x00"
@@ -666,12 +667,13 @@ def test_key_round_trip_for_any_model_name(model_name, tmp_path_factory):
 
 @given(model_name=st.text(min_size=1, max_size=20),
        world_size=st.integers(1, 1000), data=st.data(),
-       chunk_hash=st.text("0123456789abcdef", min_size=16, max_size=128),
+       chunk_hash=st.one_of(st.text(min_size=1, max_size=40), st.integers()),
        fmt=st.from_regex(r"[A-Za-z0-9_]{1,32}", fullmatch=True))
 @settings(max_examples=150, deadline=None)
 def test_key_round_trip_all_fields(model_name, world_size, data, chunk_hash, fmt):
-    worker_id = data.draw(st.integers(0, world_size - 1))
+    worker_id = data.draw(st.integers(-999_999_999, 999_999_999))
     assume(_fits(model_name))
+    assume(not isinstance(chunk_hash, str) or _fits(chunk_hash))
     key = CacheEngineKey(fmt, model_name, world_size, worker_id, chunk_hash)
     s = str(key)
     assert CacheEngineKey.from_string(s) == key
@@ -684,12 +686,14 @@ def test_key_round_trip_all_fields(model_name, world_size, data, chunk_hash, fmt
     "vllm@model@1@0",
     f"vllm@model@1@0@{HEX64}@extra",
     f"vllm@model@x@0@{HEX64}",
-    f"vllm@model@1@-1@{HEX64}",
-    f"vllm@model@1@1@{HEX64}",  # worker_id >= world_size
+    f"vllm@model@1@-0@{HEX64}",  # not canonical
+    f"vllm@model@1@01@{HEX64}",
+    f"vllm@model@1@1234567890@{HEX64}",  # more than 9 digits
     f"vllm@model@0@0@{HEX64}",  # world_size 0
-    "vllm@model@1@0@not-hex",
-    f"vllm@model@1@0@{HEX64.upper()}",
-    "vllm@model@1@0@abc",  # too short
+    "vllm@model@1@0@",  # empty hash
+    "vllm@model@1@0@a%2fb",  # not canonical (%2F)
+    "vllm@model@1@0@a.b",  # "." is always encoded
+    "vllm@model@1@0@a/b",
     f"vllm@@1@0@{HEX64}",  # empty model
     f"@model@1@0@{HEX64}",  # empty fmt
     f"vl/lm@model@1@0@{HEX64}",
@@ -702,13 +706,13 @@ def test_from_string_rejects_invalid_strings(s):
 
 
 @pytest.mark.parametrize(("args", "match"), [
-    (("vllm", "m", 1, 0, "xyz"), "chunk_hash"),
-    (("vllm", "m", 1, 0, HEX64.upper()), "chunk_hash"),
-    (("vllm", "m", 1, 0, "ab" * 65), "chunk_hash"),  # 130 hex digits
-    (("vllm", "m", 1, 0, HEX64 + "\n"), "chunk_hash"),
-    (("vllm", "m", 1, 1, HEX64), "worker_id"),
-    (("vllm", "m", 2, 5, HEX64), "worker_id"),
-    (("vllm", "m", 2, -1, HEX64), "worker_id"),
+    (("vllm", "m", 1, 0, ""), "chunk_hash"),
+    (("vllm", "m", 1, 0, None), "chunk_hash"),
+    (("vllm", "m", 1, 0, True), "chunk_hash"),
+    (("vllm", "m", 1, 0, b"ab"), "chunk_hash"),
+    (("vllm", "m", 1, 0, "\ud800"), "chunk_hash"),  # a lone surrogate
+    (("vllm", "m", 2, 10**9, HEX64), "worker_id"),
+    (("vllm", "m", 2, "1", HEX64), "worker_id"),
     (("vllm", "m", 0, 0, HEX64), "world_size"),
     (("vllm", "m", "1", 0, HEX64), "world_size"),
     (("vllm", "", 1, 0, HEX64), "model_name"),
@@ -719,6 +723,52 @@ def test_from_string_rejects_invalid_strings(s):
 def test_constructor_rejects_invalid_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         CacheEngineKey(*args)
+
+
+@pytest.mark.parametrize("chunk_hash", [
+    "hash", "chunk_7", HEX64.upper(), "xyz", "ab" * 65, HEX64 + "\n", "a/b", "a@b", ".",
+    "..", "%2F", "~", "\u00e9t\u00e9", " ", "-1",
+])
+def test_any_string_chunk_hash_makes_a_safe_key(chunk_hash, tmp_path):
+    # The seed accepted any chunk hash; a third-party token database's hashes need not
+    # be lowercase hex. The string form stays one safe file name and parses back.
+    key = CacheEngineKey("vllm", "m", 3, 123, chunk_hash)
+    assert key.chunk_hash == chunk_hash or len(chunk_hash) > 64
+    s = assert_safe_path_component(key, tmp_path)
+    (tmp_path / s).write_bytes(b"x")
+    assert [p.name for p in tmp_path.iterdir()] == [s]
+
+
+def test_a_long_chunk_hash_is_replaced_by_its_digest():
+    long = "x" * 200
+    key = CacheEngineKey("vllm", "m", 1, 0, long)
+    assert key.chunk_hash == "~" + hashlib.sha256(long.encode()).hexdigest()
+    assert key == CacheEngineKey("vllm", "m", 1, 0, long)
+    assert key != CacheEngineKey("vllm", "m", 1, 0, "x" * 201)
+    assert CacheEngineKey.from_string(str(key)) == key
+
+
+@pytest.mark.parametrize(("value", "digits"), [(0, "0"), (255, "ff"), (-255, "-ff"),
+                                                (2**64 + 1, "10000000000000001")])
+def test_an_int_chunk_hash_is_held_as_hex_digits(value, digits):
+    key = CacheEngineKey("vllm", "m", 1, 0, value)
+    assert key.chunk_hash == digits
+    assert key == CacheEngineKey("vllm", "m", 1, 0, digits)  # one key, one string form
+    assert str(key) == f"vllm@m@1@0@{digits}"
+    assert CacheEngineKey.from_string(str(key)) == key
+
+
+@pytest.mark.parametrize(("world_size", "worker_id"), [(3, 123), (1, -1), (1, 0),
+                                                       (2, 999_999_999)])
+def test_seed_worker_ids_make_keys(world_size, worker_id):
+    key = CacheEngineKey("vllm", "m", world_size, worker_id, HEX64)
+    assert CacheEngineKey.from_string(str(key)) == key
+
+
+def test_distinct_hashes_give_distinct_strings():
+    hashes = ["a/b", "a%2Fb", "a.b", "a%2Eb", "ab", "AB", "~", "%7E"]
+    strings = {str(CacheEngineKey("vllm", "m", 1, 0, h)) for h in hashes}
+    assert len(strings) == len(hashes)
 
 
 def test_keys_are_hashable_and_ordered():

@@ -15,13 +15,18 @@ from typing import Any
 
 import torch
 
-from lmcache.abc.memory import DoubleFreeError, MemoryAllocatorInterface, MemoryFormat, MemoryObj
+from lmcache.abc.memory import MemoryAllocatorInterface, MemoryFormat, MemoryObj
 from lmcache.builtin.allocators.region import (
     PinMemoryAllocator,
     PrefaultOptions,
     config_size_bytes,
 )
-from lmcache.kits.memory import BytesBufferMemoryObj, normalize_shape, release
+from lmcache.kits.memory import (
+    BytesBufferMemoryObj,
+    normalize_shape,
+    release,
+    warn_second_free,
+)
 
 __all__ = ["BufferAllocator", "MixedMemoryAllocator"]
 
@@ -85,7 +90,11 @@ class BufferAllocator(MemoryAllocatorInterface):
     def free(self, memory_obj: MemoryObj) -> None:
         with self._lock:
             if self._live.get(id(memory_obj)) is not memory_obj:
-                raise DoubleFreeError(f"free() of {memory_obj!r}, which is not allocated")
+                if getattr(memory_obj, "parent_allocator", None) is not self:
+                    raise ValueError(
+                        f"{memory_obj!r} was not allocated by this {type(self).__name__}")
+                warn_second_free(memory_obj)
+                return
             del self._live[id(memory_obj)]
             self._allocated_bytes -= memory_obj.metadata.phy_size
         release(memory_obj)
@@ -104,6 +113,15 @@ class BufferAllocator(MemoryAllocatorInterface):
     @property
     def capacity(self) -> int:
         return self._capacity
+
+    #: The seed's name of `allocated_bytes`.
+    total_allocated_size = allocated_bytes
+
+    def memcheck(self) -> bool:
+        """Whether the live buffers add up to the bytes counted (the seed's check)."""
+        with self._lock:
+            return sum(o.metadata.phy_size for o in self._live.values()) \
+                == self._allocated_bytes
 
 
 class MixedMemoryAllocator(MemoryAllocatorInterface):
@@ -163,6 +181,13 @@ class MixedMemoryAllocator(MemoryAllocatorInterface):
     @property
     def capacity(self) -> int:
         return self.pin_allocator.capacity
+
+    #: The seed's name of `allocated_bytes`.
+    total_allocated_size = allocated_bytes
+
+    def memcheck(self) -> bool:
+        """Both halves' checks (see `TensorMemoryAllocator.memcheck`)."""
+        return self.pin_allocator.memcheck() and self.buffer_allocator.memcheck()
 
     @classmethod
     def from_options(

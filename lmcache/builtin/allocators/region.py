@@ -125,6 +125,13 @@ class _RegionAllocator(MemoryAllocatorInterface):
     def capacity(self) -> int:
         return self.allocator.capacity
 
+    #: The seed's name of `allocated_bytes`.
+    total_allocated_size = allocated_bytes
+
+    def memcheck(self) -> bool:
+        """See `TensorMemoryAllocator.memcheck`."""
+        return self.allocator.memcheck()
+
 
 def config_size_bytes(size_gb: float) -> int:
     return int(size_gb * 1024**3)

@@ -148,7 +148,18 @@ class _PagedKVConnector(GPUConnectorInterface):
                 "start/end never to overlap the prefix cached by the serving engine")
         return slots.long(), lo == -1
 
-    KWARGS = frozenset({"kvcaches", "slot_mapping"})
+    KWARGS = frozenset({"kvcaches", "slot_mapping", "offset"})
+
+    @staticmethod
+    def _offset(kwargs: dict[str, Any]) -> int:
+        """The seed's ``offset``: the token the slot mapping's first entry belongs to."""
+        offset = kwargs.get("offset", 0)
+        if offset is None:
+            return 0
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative int (the token that "
+                             f"slot_mapping[0] belongs to), got {offset!r}")
+        return offset
 
     def check_kwargs(self, num_tokens: int, **kwargs: Any) -> None:
         check_known(kwargs, self.KWARGS, self)
@@ -156,8 +167,20 @@ class _PagedKVConnector(GPUConnectorInterface):
         first = flat[0][0]
         slot_mapping = require(kwargs, "slot_mapping", "a 1-D integer tensor with one slot "
                                 "(block_id * block_size + offset) per token of the sequence")
-        self._chunk_slots(slot_mapping, 0, num_tokens, first.shape[0], first.device,
+        offset = self._offset(kwargs)
+        if offset > num_tokens:
+            raise ValueError(f"offset={offset} is beyond the {num_tokens} tokens; expected "
+                             "0 <= offset <= len(tokens)")
+        self._chunk_slots(slot_mapping, 0, num_tokens - offset, first.shape[0], first.device,
                           allow_skipped=True)
+        if offset and slot_mapping.shape[0] != num_tokens - offset:
+            # A window of the slot mapping holds exactly one slot per token from offset
+            # on, so that a full slot mapping passed with an offset is refused, never
+            # misread.
+            raise ValueError(
+                f"slot_mapping has {slot_mapping.shape[0]} slots; with offset={offset} "
+                f"expected {num_tokens - offset}, one per token from token {offset} to the "
+                f"end of the {num_tokens} tokens")
 
     def _prepare(self, memory_obj: MemoryObj, start: int, end: int, kwargs: dict[str, Any],
                  *, filling: bool) -> tuple[list[Any], torch.Tensor, torch.Tensor, bool]:
@@ -166,11 +189,16 @@ class _PagedKVConnector(GPUConnectorInterface):
                             "head_size] tensors or one [2, num_blocks, ...] tensor")
         slot_mapping = require(kwargs, "slot_mapping", "a 1-D integer tensor with one slot "
                                 "(block_id * block_size + offset) per token of the sequence")
+        offset = self._offset(kwargs)
+        if offset and start < offset:
+            raise ValueError(f"tokens [{start}, {end}) begin before offset={offset}, the "
+                             "first token that slot_mapping has a slot for")
         tensor = memory_tensor(memory_obj)
         flat = self._flat_layers(kvcaches)
         first = flat[0][0]  # K of layer 0, [num_slots, hidden] in either layout
-        slots, skipped = self._chunk_slots(slot_mapping, start, end, first.shape[0],
-                                           first.device, allow_skipped=not filling)
+        slots, skipped = self._chunk_slots(slot_mapping, start - offset, end - offset,
+                                           first.shape[0], first.device,
+                                           allow_skipped=not filling)
         check_memory_tensor(memory_obj, tensor, self.get_shape(end - start), first.dtype,
                              filling=filling)
         return flat, tensor, slots, skipped
@@ -323,6 +351,12 @@ class VLLMPagedMemGPUConnectorV2(_PagedKVConnector):
         KV the serving engine already holds (prefix caching) have slot ``-1``; those
         entries are never touched: `to_gpu` skips them, and `from_gpu` refuses a
         range that contains one (the engine never stores the prefix it did not compute).
+    ``offset`` (optional, default 0)
+        The seed's way to pass a window of the slot mapping: ``slot_mapping[i]`` is then
+        the slot of token ``offset + i``, and chunks before ``offset`` cannot be moved.
+        Through the engine (``store``/``retrieve`` of ``n`` tokens) the window must hold
+        exactly ``n - offset`` slots. The seed applied it to stores only; here it has
+        the same meaning in both directions.
 
     Memory objects are KV_BLOB, ``[2, num_layers, end - start, hidden_dim]`` in the
     cache's dtype, on the cache's device or any other (typically pinned CPU memory).

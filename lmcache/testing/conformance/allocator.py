@@ -40,8 +40,9 @@ class AllocatorConformance:
 
     Tested: fresh objects have reference count 1 and the requested shape, dtype and
     format; payloads do not overlap; the last ``ref_count_down`` frees (accounting back to
-    zero, the object invalid); over-release raises `DoubleFreeError`; a pin holds a
-    reference; malformed requests raise ``ValueError``; allocation from several threads.
+    zero, the object invalid, its `tensor` None); over-release raises `DoubleFreeError`;
+    a pin holds a reference; malformed requests raise ``ValueError``; allocation from
+    several threads.
     """
 
     has_budget: bool = True
@@ -98,8 +99,9 @@ class AllocatorConformance:
         obj.ref_count_down()
         assert not obj.is_valid()
         assert allocator.num_active_allocations == 0 and allocator.allocated_bytes == 0
+        assert obj.tensor is None  # the seed's answer: never a view of reused memory
         with pytest.raises(InvalidMemoryObjError):
-            _ = obj.tensor
+            obj.ref_count_up()
         with pytest.raises(DoubleFreeError):
             obj.ref_count_down()
 
