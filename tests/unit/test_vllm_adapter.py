@@ -197,10 +197,15 @@ def test_worker_stores_and_loads_both_layouts(layout, tmp_path, monkeypatch):
         assert worker.get_block_ids_with_load_errors() == {11, 4, 6}
         worker.wait_for_save()  # the failed request is not stored in that step
         assert not worker.engine.storage_manager.contains(key)
+        # the published examples' clean-up names the engine by ENGINE_NAME
+        from lmcache.integration.vllm.utils import ENGINE_NAME
+
+        assert LMCacheEngineBuilder.get(ENGINE_NAME) is worker.engine
     finally:
         scheduler.shutdown()
         worker.shutdown()
     assert LMCacheEngineBuilder.get(f"vllm-{vcfg.instance_id}-rank0") is None
+    assert LMCacheEngineBuilder.get(ENGINE_NAME) is None
 
 
 # -- what makes a request's KV other than its tokens (issue 13) --------------------------------

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmcache.integration.vllm.lookup import LookupClient, LookupServer
+from lmcache.integration.vllm.utils import ENGINE_NAME
 from lmcache.kernel.cache_engine import LMCacheEngine, LMCacheEngineBuilder
 from lmcache.kernel.config import (
     CONFIG_FILE_ENV,
@@ -382,6 +383,8 @@ class LMCacheConnectorV1Impl:
         self._engine_id = f"vllm-{self.instance_id}-rank{rank}"
         self.engine = LMCacheEngineBuilder.get_or_create(self._engine_id, self.config,
                                                          metadata, connector)
+        # the published examples end with LMCacheEngineBuilder.destroy(ENGINE_NAME)
+        LMCacheEngineBuilder.add_alias(ENGINE_NAME, self._engine_id)
         self._kvcaches = layers
         if rank == 0:
             self._server = LookupServer(self.instance_id, self.engine)
