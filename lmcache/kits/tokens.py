@@ -49,13 +49,18 @@ def check_mask(mask: torch.Tensor | None, num_tokens: int, chunk_size: int) -> i
         return 0
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"mask must be a bool tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
     if mask.dim() != 1 or mask.shape[0] != num_tokens:
         raise ValueError(
             f"mask must be 1-D with one entry per token ({num_tokens}), "
             f"got shape {tuple(mask.shape)}")
-    m = mask.detach().cpu().to(torch.bool)
+    m = mask.detach().cpu()
+    if m.dtype != torch.bool:
+        # upstream's callers pass 0/1 masks of other dtypes: those are unambiguous; any
+        # other value (2, 0.5, NaN) is not coerced
+        if m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError(f"mask must be a bool tensor (or hold only 0 and 1), got "
+                             f"dtype {mask.dtype} with other values")
+        m = m != 0
     num_false = num_tokens - int(m.sum())
     if not (bool(m[num_false:].all()) and not bool(m[:num_false].any())):
         raise ValueError("mask must look like FFF...TTT: the False entries form a prefix")

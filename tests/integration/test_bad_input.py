@@ -103,10 +103,10 @@ def test_tokens_on_the_meta_device_are_refused(engine):
         e.lookup(torch.empty(CHUNK, dtype=torch.int64, device="meta"))
 
 
-def test_an_integer_mask_is_refused(engine):
+def test_an_integer_mask_of_other_values_than_0_and_1_is_refused(engine):
     e, g = engine()
     tokens = torch.arange(2 * CHUNK)
-    mask = torch.ones(2 * CHUNK, dtype=torch.int64)
+    mask = torch.full((2 * CHUNK,), 2, dtype=torch.int64)
     with pytest.raises(ValueError, match="bool"):
         e.store(tokens, mask, **kv(g, 2 * CHUNK))
 

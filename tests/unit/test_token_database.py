@@ -180,13 +180,21 @@ def test_masked_keys_are_a_suffix_of_unmasked_keys(n, chunk_size, data):
     assert masked == unmasked[num_false // chunk_size:]
 
 
-def test_mask_of_integer_dtype_is_refused():
-    # issue 11: a mask is a bool tensor; 0/1 integers (or 2, or 0.5) are not coerced
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32, torch.uint8])
+def test_a_mask_of_zeros_and_ones_of_another_dtype_is_accepted(dtype):
+    # upstream's callers pass such masks; they are unambiguous
     db = make_db(4)
     tokens = torch.arange(10)
-    mask = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
-    with pytest.raises(ValueError, match="bool tensor, got dtype torch.int64"):
-        list(db.process_tokens(tokens, mask))
+    mask = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1], dtype=dtype)
+    assert list(db.process_tokens(tokens, mask)) == list(db.process_tokens(tokens))[1:]
+
+
+@pytest.mark.parametrize("values", [[0, 0, 0, 0, 2, 2, 2, 2, 2, 2], [0.0] * 4 + [0.5] * 6])
+def test_a_mask_with_other_values_is_refused(values):
+    # issue 11: 2 or 0.5 is not silently coerced to True
+    db = make_db(4)
+    with pytest.raises(ValueError, match="hold only 0 and 1"):
+        list(db.process_tokens(torch.arange(10), torch.tensor(values)))
 
 
 def test_all_false_mask_gives_no_chunks():
