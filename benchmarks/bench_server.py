@@ -15,9 +15,14 @@ and connection, as separate engines would be, on a thread of this process):
   with one byte; a load is received into a preallocated buffer): what loopback TCP
   costs, with nothing else;
 - **redis tier**: the ``redis`` tier (lmcache-redis) against ``redis-server`` on loopback,
-  when installed.
+  when installed;
+- **p2p fetch** (loads only: a p2p put is one index entry, no data): the ``p2p`` tier of
+  each client asks the Redis index and fetches the chunk from the owner's peer service,
+  received straight into a memory object, checksum verified. The owner is a ``p2p`` tier
+  in this process serving the chunks from memory.
 
-Ratios are the lm tier's throughput over the raw socket's and over the redis tier's.
+Ratios are the lm tier's (and the p2p fetch's) throughput over the raw socket's, and the
+lm tier's over the redis tier's.
 
 Run:  .venv/bin/python benchmarks/bench_server.py [--chunks 8] [--repeat 3]
 """
@@ -179,6 +184,40 @@ def raw_round(clients_: list[RawClient], payloads: list[memoryview], results: Re
         clients, lambda c, i: clients_[c].get(payloads[i].nbytes), n)))
 
 
+def p2p_round(owner, fetchers: list, chunks: list, results: Results,
+              held: dict) -> None:
+    clients, n = len(fetchers), len(chunks)
+    keys = new_keys(n)
+    for k, c in zip(keys, chunks):
+        held[k] = c
+        future = owner.submit_put_task(k, c)  # one index entry
+        assert future is not None and future.result() is True
+
+    def get(c: int, i: int) -> None:
+        obj = fetchers[c].get_blocking(keys[i])
+        assert obj is not None, "a miss in the benchmark (p2p)"
+        obj.ref_count_down()
+
+    results.add("p2p", "get", clients, timed(lambda: in_threads(clients, get, n)))
+    for k in keys:
+        owner.remove(k)
+        held.pop(k, None)
+
+
+def p2p_tier(redis, port: int, ns: str, context: TierContext, held: dict):
+    def read_local(key):
+        obj = held.get(key)
+        if obj is not None:
+            obj.ref_count_up()
+        return obj
+
+    ctx = TierContext(tier_name="p2p", memory_allocator=context.memory_allocator,
+                      read_local=read_local)
+    return registry.create("storage_backend", "p2p", {
+        "lookup_url": redis.url, "distributed_url": f"127.0.0.1:{port}", "namespace": ns,
+        "timeout_s": 60}, None, None, ctx)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=8)
@@ -240,12 +279,17 @@ def main() -> None:
                                              "timeout_s": 60}, None, None, context)
                 for _ in range(clients)]
             raws = [RawClient(raw_port, nbytes) for _ in range(clients)]
-            for _ in range(args.repeat):  # interleaved: every round measures all three
+            held: dict = {}
+            p2p = [] if redis is None else [p2p_tier(redis, free_port(), ns, context, held)
+                                            for _ in range(clients + 1)]
+            for _ in range(args.repeat):  # interleaved: every round measures all of them
                 raw_round(raws, payloads, results)
                 tier_round(lm_tiers, chunks, results, "lm")
                 if redis_tiers:
                     tier_round(redis_tiers, chunks, results, "redis")
-            for t in [*lm_tiers, *redis_tiers]:
+                if p2p:
+                    p2p_round(p2p[0], p2p[1:], chunks, results, held)
+            for t in [*lm_tiers, *redis_tiers, *p2p]:
                 t.close()
             for r in raws:
                 r.close()
@@ -282,6 +326,14 @@ def report(results: Results, total: int, client_counts: list[int], with_redis: b
             if with_redis:
                 line += f"  {best['lm'] / best['redis']:8.2f}"
             print(line)
+    if ("p2p", "get", client_counts[0]) in results.best:
+        print(f"\n{'op':4s} {'clients':>7s}  {'p2p fetch':>16s}  {'raw socket':>16s}  p2p/raw")
+        for clients in client_counts:
+            p2p = speed("p2p", "get", clients, results.best)
+            raw = speed("raw", "get", clients, results.best)
+            first = speed("p2p", "get", clients, results.first)
+            print(f"get  {clients:7d}  {p2p:6.2f} ({first:5.2f})  {raw:16.2f}  "
+                  f"{p2p / raw:7.2f}")
 
 
 if __name__ == "__main__":
