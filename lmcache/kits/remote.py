@@ -76,10 +76,7 @@ A distribution that serves a URL scheme in ``remote_url`` claims it in the
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -95,6 +92,7 @@ from pydantic import Field
 
 from lmcache.abc.remote_transport import RemoteTransport, RemoteUnavailable
 from lmcache.abc.storage_backend import StorageBackendInterface, TierContext
+from lmcache.kits.threads import DaemonPool, Deadlines
 from lmcache.plugin.options import PluginOptions
 from lmcache.plugin.registry import registry
 from lmcache.utils import CacheEngineKey, LogOnce, call_observer
@@ -189,192 +187,6 @@ class RemoteOptions(PluginOptions):
                             "are remembered locally, so a lookup needs no round trip.")
 
 
-# ---------------------------------------------------------------------------------------
-# Threads that never block: a pool of daemon threads, a deadline watcher
-# ---------------------------------------------------------------------------------------
-
-
-class _DaemonPool:
-    """A thread pool of daemon threads whose stuck threads are replaced.
-
-    Like ``ThreadPoolExecutor`` (`submit` returns a `Future`; a queued future that is
-    cancelled never runs), with two differences that a remote tier needs: the threads
-    are daemons, so that a call hung in a transport does not keep the process from
-    exiting (the interpreter joins every ``ThreadPoolExecutor`` thread at exit); and
-    `abandon` tells the pool that nobody waits for a running call any more, so that
-    another thread serves the queue meanwhile: at most ``workers`` threads serve it, and
-    at most ``spares`` more may be stuck in abandoned calls.
-    """
-
-    def __init__(self, workers: int, spares: int, name: str) -> None:
-        self._workers = workers
-        self._limit = workers + spares
-        self._name = name
-        self._tasks: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple] | None] = (
-            queue.SimpleQueue())
-        self._lock = threading.Lock()
-        self._serving = 0  # threads that take tasks from the queue
-        self._threads = 0  # every thread, stuck ones included
-        self._running: dict[Future, bool] = {}  # running task -> abandoned
-        self._count = itertools.count()
-        self._closed = False
-
-    @property
-    def threads(self) -> int:
-        """Threads alive now, stuck ones included."""
-        with self._lock:
-            return self._threads
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        future: Future = Future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("cannot submit to a closed pool")
-            self._tasks.put((future, fn, args))
-            self._grow()
-        return future
-
-    def _grow(self) -> None:  # under the lock
-        if self._serving < self._workers and self._threads < self._limit:
-            self._serving += 1
-            self._threads += 1
-            threading.Thread(target=self._work, name=f"{self._name}_{next(self._count)}",
-                             daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            item = self._tasks.get()
-            if item is None:  # closed
-                with self._lock:
-                    self._serving -= 1
-                    self._threads -= 1
-                return
-            if not self._run(*item):
-                return
-            item = None  # hold nothing while idle
-
-    def _run(self, future: Future, fn: Callable[..., Any], args: tuple) -> bool:
-        """Run one task; returns whether this thread goes on serving the queue."""
-        if not future.set_running_or_notify_cancel():
-            return True
-        with self._lock:
-            self._running[future] = False
-        try:
-            result = fn(*args)
-        except BaseException as exc:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-        with self._lock:
-            if not self._running.pop(future, False):
-                return True
-            # abandoned: another thread took this one's place; rejoin only if needed
-            if self._closed or self._serving >= self._workers:
-                self._threads -= 1
-                return False
-            self._serving += 1
-            return True
-
-    def abandon(self, future: Future) -> None:
-        """Nobody waits for ``future`` any more: cancel it if it has not started, else
-        let another thread serve the queue while its call goes on."""
-        if future.cancel():
-            return
-        with self._lock:
-            if self._running.get(future) is False:
-                self._running[future] = True
-                self._serving -= 1
-                if not self._closed:
-                    self._grow()
-
-    def shutdown(self) -> None:
-        """Cancel the tasks that have not started and let idle threads end; waits for
-        nothing (threads in running calls end when their calls return)."""
-        with self._lock:
-            self._closed = True
-            threads = self._threads
-        while True:
-            try:
-                item = self._tasks.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[0].cancel()
-        for _ in range(threads):
-            self._tasks.put(None)
-
-
-class _Deadlines:
-    """One daemon thread that calls ``fn(False)`` at each deadline given to `at`, unless
-    it was cancelled; `close` calls the pending ones at once with ``fn(True)``.
-    Callbacks must be quick."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._cond = threading.Condition()
-        self._heap: list[list[Any]] = []  # [when, seq, fn or None when cancelled]
-        self._count = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    def at(self, when: float, fn: Callable[[bool], None]) -> list[Any] | None:
-        """Call ``fn`` at ``when`` (`time.monotonic`); returns a handle for `cancel`."""
-        entry: list[Any] | None = [when, next(self._count), fn]
-        with self._cond:
-            closed = self._closed
-            if closed:
-                entry = None
-            else:
-                heapq.heappush(self._heap, entry)
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._watch, name=self._name,
-                                                    daemon=True)
-                    self._thread.start()
-                elif self._heap[0] is entry:  # the earliest now: wake the watcher
-                    self._cond.notify()
-        if closed:
-            _call_quietly(fn, True)
-        return entry
-
-    def cancel(self, entry: list[Any] | None) -> None:
-        """The deadline of ``entry`` is not needed any more (drops its references)."""
-        if entry is not None:
-            with self._cond:
-                entry[2] = None
-
-    def _watch(self) -> None:
-        while True:
-            with self._cond:
-                while True:
-                    if self._closed:
-                        return
-                    now = time.monotonic()
-                    if self._heap and self._heap[0][0] <= now:
-                        fn = heapq.heappop(self._heap)[2]
-                        if fn is None:
-                            continue
-                        break
-                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
-            _call_quietly(fn, False)
-            fn = None
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            pending = [entry[2] for entry in sorted(self._heap) if entry[2] is not None]
-            self._heap.clear()
-            self._cond.notify()
-        for fn in pending:
-            _call_quietly(fn, True)
-
-
-def _call_quietly(fn: Callable[[bool], None], closing: bool) -> None:
-    try:
-        fn(closing)
-    except Exception:
-        logger.exception("a remote tier's deadline callback failed")
-
-
 class _Attempt:
     """One remote call that a caller may give up on (``abandoned``): its late outcome is
     then not counted (no failure, no success, no hit) and a late object is released."""
@@ -397,7 +209,7 @@ class _Write(_Attempt):
         self.future: Future = Future()  # what the caller gets
         self.future.set_running_or_notify_cancel()
         self.task: Future | None = None  # the write on a writer thread
-        self.deadline: list[Any] | None = None  # its `_Deadlines` entry, once started
+        self.deadline: list[Any] | None = None  # its `Deadlines` entry, once started
 
 
 def _settle(future: Future, result: Any = None, exc: BaseException | None = None) -> bool:
@@ -478,9 +290,9 @@ class RemoteBackend(StorageBackendInterface):
         self._consecutive_failures = 0
         self._log_once = LogOnce(logger, f"{tier_name} ({transport.description}): ")
         self._closed = False
-        self._writers = _DaemonPool(num_workers, num_workers, f"{tier_name}-w")
-        self._io = _DaemonPool(num_workers, num_workers, f"{tier_name}-io")
-        self._deadlines = _Deadlines(f"{tier_name}-deadlines")
+        self._writers = DaemonPool(num_workers, num_workers, f"{tier_name}-w")
+        self._io = DaemonPool(num_workers, num_workers, f"{tier_name}-io")
+        self._deadlines = Deadlines(f"{tier_name}-deadlines")
 
     @classmethod
     def from_transport(cls, transport: RemoteTransport, options: RemoteOptions, config: Any,
