@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lmcache.abc.memory import MemoryAllocatorInterface, MemoryFormat, MemoryObj
+from lmcache.abc.memory import MemoryFormat, MemoryObj
 from lmcache.builtin.allocators.region import HostMemoryAllocator
 from lmcache.builtin.tiers.cpu import LocalCPUBackend
 from lmcache.builtin.tiers.disk.tier import LocalDiskBackend
@@ -67,41 +67,23 @@ def parse_name(name: bytes) -> CacheEngineKey:
                           key.worker_id, key.chunk_hash)
 
 
-class _EvictingAllocator(MemoryAllocatorInterface):
-    """The region's allocator, evicting least recently used values when it is full."""
+class _EvictingAllocator(HostMemoryAllocator):
+    """The server's region, evicting least recently used values when it is full."""
 
-    def __init__(self, allocator: HostMemoryAllocator, cpu: LocalCPUBackend) -> None:
-        self.allocator = allocator
+    def __init__(self, size: int, cpu: LocalCPUBackend, *, prefault: bool = False) -> None:
+        super().__init__(size, prefault=prefault)
         self.cpu = cpu
 
     def allocate(self, shape: Any, dtype: torch.dtype | None,
                  fmt: MemoryFormat = MemoryFormat.UNDEFINED) -> MemoryObj | None:
         need = max(int(torch.Size(shape).numel()) * (dtype.itemsize if dtype else 1), 1)
         while True:
-            obj = self.allocator.allocate(shape, dtype, fmt)
+            obj = super().allocate(shape, dtype, fmt)
             if obj is not None:
                 return obj
             # freed space may not be contiguous: evict until it fits or nothing is left
             if not self.cpu.evict_for(need):
                 return None
-
-    def free(self, memory_obj: MemoryObj) -> None:
-        self.allocator.free(memory_obj)
-
-    def get_ref_count(self, memory_obj: MemoryObj) -> int:
-        return memory_obj.get_ref_count()
-
-    @property
-    def num_active_allocations(self) -> int:
-        return self.allocator.num_active_allocations
-
-    @property
-    def allocated_bytes(self) -> int:
-        return self.allocator.allocated_bytes
-
-    @property
-    def capacity(self) -> int:
-        return self.allocator.capacity
 
 
 class ChunkStore:
@@ -116,9 +98,8 @@ class ChunkStore:
             raise ValueError(f"the CPU budget must be > 0 bytes, got {cpu_bytes}")
         if disk_path is not None and disk_bytes <= 0:
             raise ValueError(f"the disk budget must be > 0 bytes, got {disk_bytes}")
-        self.allocator = HostMemoryAllocator(cpu_bytes, prefault=prefault)
         self.cpu = LocalCPUBackend(None, on_evicted=self._on_evicted)
-        self.memory = _EvictingAllocator(self.allocator, self.cpu)
+        self.memory = _EvictingAllocator(cpu_bytes, self.cpu, prefault=prefault)
         self.disk = (None if disk_path is None else LocalDiskBackend(
             disk_path, self.memory, disk_bytes / GiB, tier_name="server-disk"))
         self._lock = threading.Lock()  # a put replaces a value atomically
@@ -186,7 +167,7 @@ class ChunkStore:
         with self._lock:
             out: dict[str, Any] = dict(self._counts)
         out.update(chunks=len(self.cpu), bytes=self.cpu.used_bytes,
-                   capacity_bytes=self.allocator.capacity)
+                   capacity_bytes=self.memory.capacity)
         if self.disk is not None:
             out.update(disk_chunks=len(self.disk.index), disk_bytes=self.disk.used_bytes,
                        disk_capacity_bytes=self.disk.max_bytes)
