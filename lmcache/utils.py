@@ -1,4 +1,5 @@
-"""Small things everything may import: the chunk key, the byte-buffer type, log-once."""
+"""Small things everything may import: the chunk key, the byte-buffer type, log-once,
+observer calls, releasing an abandoned load."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
@@ -173,3 +175,14 @@ def call_observer(logger: logging.Logger, callback: Callable[..., Any] | None,
         callback(*args)
     except Exception:
         logger.exception("observer %r raised", callback)
+
+
+def release_late_result(future: Future) -> None:
+    """A done-callback for a load whose caller stopped waiting: frees the memory object it
+    produced, if any, since nobody else will take it."""
+    try:
+        obj = future.result()
+    except Exception:
+        return
+    if obj is not None:
+        obj.ref_count_down()

@@ -28,7 +28,7 @@ from lmcache.abc.storage_backend import (
 )
 from lmcache.plugin.manager import hooks
 from lmcache.plugin.registry import registry
-from lmcache.utils import CacheEngineKey, LogOnce
+from lmcache.utils import CacheEngineKey, LogOnce, release_late_result
 
 if TYPE_CHECKING:
     from lmcache.kernel.config import LMCacheEngineConfig
@@ -47,16 +47,6 @@ PREFETCH_WAIT_S = 30.0
 READ_AHEAD = 3
 #: Longest an allocation waits for writes to lower tiers to release memory.
 WRITE_BACKPRESSURE_S = 10.0
-
-
-def _release_late(future: Future) -> None:
-    # A load that ended after its caller gave up on it: nobody will take the object.
-    try:
-        obj = future.result()
-    except Exception:
-        return
-    if obj is not None:
-        obj.ref_count_down()
 
 
 class StorageFault(RuntimeError):
@@ -429,7 +419,7 @@ class StorageManager:
                     try:  # tiers bound their own loads; this bound is the last resort
                         obj = future.result(timeout=PREFETCH_WAIT_S)
                     except FutureTimeout as exc:
-                        future.add_done_callback(_release_late)
+                        future.add_done_callback(release_late_result)
                         self._fault(source, "get", exc)
                     except Exception as exc:
                         self._fault(source, "get", exc)
@@ -444,7 +434,7 @@ class StorageManager:
         finally:
             for _, future, _ in pending:  # read ahead, never taken: released when done
                 if future is not None:
-                    future.add_done_callback(_release_late)
+                    future.add_done_callback(release_late_result)
 
     def _promote(self, key: CacheEngineKey, obj: MemoryObj) -> None:
         try:

@@ -95,7 +95,7 @@ from lmcache.abc.storage_backend import StorageBackendInterface, TierContext
 from lmcache.kits.threads import DaemonPool, Deadlines
 from lmcache.plugin.options import PluginOptions
 from lmcache.plugin.registry import registry
-from lmcache.utils import CacheEngineKey, LogOnce, call_observer
+from lmcache.utils import CacheEngineKey, LogOnce, call_observer, release_late_result
 
 if TYPE_CHECKING:
     from lmcache.abc.memory import MemoryAllocatorInterface, MemoryObj
@@ -410,7 +410,7 @@ class RemoteBackend(StorageBackendInterface):
                 attempt.abandoned = True
             self._io.abandon(future)
             if release_late:
-                future.add_done_callback(_release_result)
+                future.add_done_callback(release_late_result)
             exc = TimeoutError(f"no answer within {self.timeout_s:g} s")
             self._failed(operation, exc)
             raise RemoteUnavailable(str(exc)) from None
@@ -708,13 +708,3 @@ def _is_timeout(exc: BaseException) -> bool:
     # Ours, the standard library's, and the clients' own (redis.exceptions.TimeoutError,
     # botocore's ReadTimeoutError / ConnectTimeoutError), which derive from neither.
     return isinstance(exc, (TimeoutError, FutureTimeout)) or "Timeout" in type(exc).__name__
-
-
-def _release_result(future: Future) -> None:
-    # A get that answered after its caller gave up: nobody will take the object.
-    try:
-        obj = future.result()
-    except Exception:
-        return
-    if obj is not None:
-        obj.ref_count_down()

@@ -360,7 +360,9 @@ def test_a_process_exits_at_once_after_close_with_writes_hung(store):
         assert child.returncode == 0, err[-3000:]
         _, close_s, closed_at = out.split()
         assert float(close_s) <= TIMEOUT_S + 0.5, out
-        assert exited - float(closed_at) < 1.0, (exited - float(closed_at), err[-3000:])
+        # Interpreter shutdown with torch loaded takes a fraction of a second, more on a
+        # loaded machine; hung non-daemon workers would hold it for HUNG_S.
+        assert exited - float(closed_at) < 3.0, (exited - float(closed_at), err[-3000:])
     finally:
         store.server.resume()
         if child.poll() is None:
