@@ -89,8 +89,10 @@ class VLLMProcess:
         self.proc.stdin.flush()
         return self._wait(CALL_TIMEOUT_S, cmd["op"])
 
-    def generate(self, prompts: list[list[int]], max_tokens: int = 12) -> dict:
-        return self.call(op="generate", prompts=prompts, max_tokens=max_tokens)
+    def generate(self, prompts: list[list[int]], max_tokens: int = 12,
+                 lora: tuple[str, int, str] | None = None) -> dict:
+        return self.call(op="generate", prompts=prompts, max_tokens=max_tokens,
+                         lora=list(lora) if lora else None)
 
     def log(self) -> str:
         if not self._log.closed:

@@ -3,12 +3,14 @@
 Usage: ``python vllm_runner.py MODEL_DIR {lmcache|none} {prefix|noprefix} [KV_ROLE]``
 (``kv_both`` by default; ``kv_producer`` and ``kv_consumer`` for disaggregated
 prefill). ``LMCACHE_E2E_MEMORY_FRACTION`` sets vLLM's ``gpu_memory_utilization`` (on the
-CPU backend a fraction of host memory: lower it when two engines run at once). Each
+CPU backend a fraction of host memory: lower it when two engines run at once);
+``LMCACHE_E2E_LORA=1`` enables LoRA (rank <= 8, two adapters at once). Each
 stdin line is a command; each result is one stdout line starting with `MARK` (vLLM
 prints to stdout too):
 
 * ``{"op": "generate", "prompts": [[ids], ...], "max_tokens": N}`` → ``{"outputs":
-  [[ids], ...], "cached": [num_cached_tokens, ...], "seconds": s}`` (greedy, one batch)
+  [[ids], ...], "cached": [num_cached_tokens, ...], "seconds": s}`` (greedy, one batch);
+  ``"lora": [name, id, path]`` runs the batch with that LoRA adapter
 * ``{"op": "reset_prefix_cache"}`` → ``{"ok": true}``
 * ``{"op": "quit"}`` → ``{"ok": true}``, then a clean shutdown.
 """
@@ -29,9 +31,11 @@ def _reply(obj: dict) -> None:
 
 
 def make_llm(model: str, lmcache: bool, prefix_caching: bool, kv_role: str = "kv_both"):
-    memory = {}
+    memory: dict = {}
     if os.environ.get("LMCACHE_E2E_MEMORY_FRACTION"):
         memory["gpu_memory_utilization"] = float(os.environ["LMCACHE_E2E_MEMORY_FRACTION"])
+    if os.environ.get("LMCACHE_E2E_LORA") == "1":
+        memory.update(enable_lora=True, max_lora_rank=8, max_loras=2)
     if not lmcache:
         from vllm import LLM
 
@@ -53,6 +57,7 @@ def make_llm(model: str, lmcache: bool, prefix_caching: bool, kv_role: str = "kv
 
 def main() -> None:
     from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
 
     model, connector, prefix = sys.argv[1:4]
     kv_role = sys.argv[4] if len(sys.argv) > 4 else "kv_both"
@@ -63,9 +68,10 @@ def main() -> None:
         if cmd["op"] == "generate":
             params = SamplingParams(max_tokens=cmd.get("max_tokens", 12), temperature=0.0,
                                     detokenize=False, ignore_eos=True)
+            lora = LoRARequest(*cmd["lora"]) if cmd.get("lora") else None
             started = time.perf_counter()
             outs = llm.generate([{"prompt_token_ids": p} for p in cmd["prompts"]], params,
-                                use_tqdm=False)
+                                use_tqdm=False, lora_request=lora)
             _reply({"outputs": [list(o.outputs[0].token_ids) for o in outs],
                     "cached": [o.num_cached_tokens for o in outs],
                     "seconds": time.perf_counter() - started})
