@@ -90,9 +90,12 @@ class VLLMProcess:
         return self._wait(CALL_TIMEOUT_S, cmd["op"])
 
     def generate(self, prompts: list[list[int]], max_tokens: int = 12,
-                 lora: tuple[str, int, str] | None = None) -> dict:
+                 lora: tuple[str, int, str] | None = None,
+                 embeds: list[str] | None = None) -> dict:
+        """Greedy outputs of ``prompts`` (token ids), then of ``embeds`` (paths of saved
+        prompt embeddings), in one batch, with the LoRA adapter ``lora`` if given."""
         return self.call(op="generate", prompts=prompts, max_tokens=max_tokens,
-                         lora=list(lora) if lora else None)
+                         lora=list(lora) if lora else None, embeds=embeds or [])
 
     def log(self) -> str:
         if not self._log.closed:

@@ -4,13 +4,15 @@ Usage: ``python vllm_runner.py MODEL_DIR {lmcache|none} {prefix|noprefix} [KV_RO
 (``kv_both`` by default; ``kv_producer`` and ``kv_consumer`` for disaggregated
 prefill). ``LMCACHE_E2E_MEMORY_FRACTION`` sets vLLM's ``gpu_memory_utilization`` (on the
 CPU backend a fraction of host memory: lower it when two engines run at once);
-``LMCACHE_E2E_LORA=1`` enables LoRA (rank <= 8, two adapters at once). Each
+``LMCACHE_E2E_LORA=1`` enables LoRA (rank <= 8, two adapters at once) and prompt
+embeddings. Each
 stdin line is a command; each result is one stdout line starting with `MARK` (vLLM
 prints to stdout too):
 
 * ``{"op": "generate", "prompts": [[ids], ...], "max_tokens": N}`` → ``{"outputs":
   [[ids], ...], "cached": [num_cached_tokens, ...], "seconds": s}`` (greedy, one batch);
-  ``"lora": [name, id, path]`` runs the batch with that LoRA adapter
+  ``"lora": [name, id, path]`` runs the batch with that LoRA adapter;
+  ``"embeds": [path, ...]`` prompts with the embeddings saved (``torch.save``) there
 * ``{"op": "reset_prefix_cache"}`` → ``{"ok": true}``
 * ``{"op": "quit"}`` → ``{"ok": true}``, then a clean shutdown.
 """
@@ -35,7 +37,8 @@ def make_llm(model: str, lmcache: bool, prefix_caching: bool, kv_role: str = "kv
     if os.environ.get("LMCACHE_E2E_MEMORY_FRACTION"):
         memory["gpu_memory_utilization"] = float(os.environ["LMCACHE_E2E_MEMORY_FRACTION"])
     if os.environ.get("LMCACHE_E2E_LORA") == "1":
-        memory.update(enable_lora=True, max_lora_rank=8, max_loras=2)
+        memory.update(enable_lora=True, max_lora_rank=8, max_loras=2,
+                      enable_prompt_embeds=True)
     if not lmcache:
         from vllm import LLM
 
@@ -56,6 +59,7 @@ def make_llm(model: str, lmcache: bool, prefix_caching: bool, kv_role: str = "kv
 
 
 def main() -> None:
+    import torch
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -70,8 +74,9 @@ def main() -> None:
                                     detokenize=False, ignore_eos=True)
             lora = LoRARequest(*cmd["lora"]) if cmd.get("lora") else None
             started = time.perf_counter()
-            outs = llm.generate([{"prompt_token_ids": p} for p in cmd["prompts"]], params,
-                                use_tqdm=False, lora_request=lora)
+            prompts = [{"prompt_token_ids": p} for p in cmd.get("prompts", [])]
+            prompts += [{"prompt_embeds": torch.load(path)} for path in cmd.get("embeds", [])]
+            outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
             _reply({"outputs": [list(o.outputs[0].token_ids) for o in outs],
                     "cached": [o.num_cached_tokens for o in outs],
                     "seconds": time.perf_counter() - started})
