@@ -214,6 +214,25 @@ def test_no_errors_logged(first, restart):
         assert "Traceback" not in log
 
 
+def test_the_layout_was_checked_against_vllms_cache_writer(first):
+    assert "KV cache layout checked against vLLM's cache writer (cpu layout, 2 layers)" \
+        in first["log"]
+
+
+def test_a_connector_that_misreads_vllms_cache_stops_vllm_at_start(tiny_llama, vllm_factory,
+                                                                   tmp_path):
+    # pages of 64 tokens in a cache of 128-token blocks: every shape check of the
+    # configuration passes; the round trip through the live cache does not
+    with pytest.raises(AssertionError, match="vLLM exited during start"):
+        vllm_factory(tiny_llama, tmp_path, lmcache=True, prefix_caching=True,
+                     name="mismatch",
+                     env={"LMCACHE_GPU_CONNECTOR": "{name: vllm_cpu_blocks, block_size: 64}",
+                          "LMCACHE_LOCAL_DISK": "None"})
+    log = (tmp_path / "mismatch.log").read_text(errors="replace")
+    assert "lmcache refuses vLLM's KV cache: its layout is not the one lmcache reads" in log
+    assert "lmcache's connector could not read block 4095" in log, log[-3000:]
+
+
 # --- restart: the disk tier ---------------------------------------------------------------
 
 

@@ -208,6 +208,33 @@ def test_worker_stores_and_loads_both_layouts(layout, tmp_path, monkeypatch):
     assert LMCacheEngineBuilder.get(ENGINE_NAME) is None
 
 
+def test_a_connector_that_misreads_the_live_cache_stops_vllm_at_start(monkeypatch, tmp_path):
+    # every shape check passes (chunk 32 is a multiple of 8); only the round trip through
+    # the live cache shows that this connector's pages are not vLLM's blocks
+    monkeypatch.setenv("LMCACHE_CHUNK_SIZE", "32")
+    monkeypatch.setenv("LMCACHE_LOCAL_DISK", "None")
+    monkeypatch.setenv("LMCACHE_GPU_CONNECTOR",
+                       "{name: vllm_cpu_blocks, block_size: 8}")
+    vcfg = _vllm_config(BLOCK)
+    worker = LMCacheConnectorV1Impl(vcfg, SimpleNamespace(name="WORKER"), parent=None)
+    caches = _caches("cpu", 3)
+    before = {k: v.clone() for k, v in caches.items()}
+    try:
+        from lmcache.integration.vllm.layout_check import LayoutMismatch
+
+        with pytest.raises(LayoutMismatch,
+                           match="refuses vLLM.*could not read block 11.*block_size 16"):
+            worker.register_kv_caches(caches)
+        assert worker.engine is None
+        assert all(torch.equal(caches[k], before[k]) for k in caches)
+        # the escape hatch for a connector that cannot take part
+        vcfg.kv_transfer_config.kv_connector_extra_config = {"layout_check": False}
+        worker.register_kv_caches(caches)
+        assert worker.engine is not None
+    finally:
+        worker.shutdown()
+
+
 # -- what makes a request's KV other than its tokens (issue 13) --------------------------------
 
 

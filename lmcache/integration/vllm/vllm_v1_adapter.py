@@ -18,7 +18,10 @@ Worker side
     CPU backend (``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` per layer,
     moved as whole blocks by ``vllm_cpu_blocks``) or the flash-attention layout
     (``[2, num_blocks, block_size, num_kv_heads, head_size]``, ``vllm_paged_v2``).
-    `start_load_kv` loads every request's chunks before the forward pass,
+    Before the first request, a round trip through the live cache with vLLM's own cache
+    writer proves the layout is the one the connector reads (see `layout_check`); an
+    unknown layout stops vLLM at start. `start_load_kv` loads every request's chunks
+    before the forward pass,
     `wait_for_save` stores the chunks computed in it. A chunk that cannot be loaded
     (missing, corrupt, a tier that failed) is reported through
     `get_block_ids_with_load_errors`, and vLLM recomputes from there; a store that
@@ -50,6 +53,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lmcache.integration.vllm import layout_check
+from lmcache.integration.vllm.layout_check import CacheLayout
 from lmcache.integration.vllm.lookup import LookupClient, LookupServer
 from lmcache.integration.vllm.utils import ENGINE_NAME
 from lmcache.kernel.cache_engine import LMCacheEngine, LMCacheEngineBuilder
@@ -351,10 +356,12 @@ class LMCacheConnectorV1Impl:
                                  "2*head_size] (vLLM's CPU layout)")
             head_size, default_connector = two_hs // 2, "vllm_cpu_blocks"
             options: dict[str, Any] = {"block_size": self.block_size}
+            layout = CacheLayout("cpu", 0, self.block_size, int(heads), int(head_size))
         elif first.dim() == 5 and first.shape[0] == 2:
             _, _, bs, heads, head_size = first.shape
             default_connector = "vllm_paged_v2"
             options = {"use_gpu": first.device.type == "cuda"}
+            layout = CacheLayout("flash", 1, int(bs), int(heads), int(head_size))
         else:
             raise ValueError(f"KV cache layer of shape {tuple(first.shape)}; expected vLLM's "
                              "CPU layout [num_blocks, num_kv_heads, block_size, 2*head_size] "
@@ -380,6 +387,15 @@ class LMCacheConnectorV1Impl:
         else:
             connector = registry.create("gpu_connector", default_connector, options,
                                         self.config, metadata)
+        extra = getattr(self.vllm_config.kv_transfer_config, "kv_connector_extra_config",
+                        None) or {}
+        if extra.get("layout_check", True):
+            model_dtype = getattr(self.vllm_config.model_config, "dtype", first.dtype)
+            layout_check.run(connector, layers, layout,
+                             model_dtype=model_dtype if isinstance(model_dtype, torch.dtype)
+                             else first.dtype,
+                             cache_dtype=str(getattr(self.vllm_config.cache_config,
+                                                     "cache_dtype", "auto")))
         self._engine_id = f"vllm-{self.instance_id}-rank{rank}"
         self.engine = LMCacheEngineBuilder.get_or_create(self._engine_id, self.config,
                                                          metadata, connector)
