@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import threading
 import time
 from collections import defaultdict
@@ -62,6 +64,7 @@ class LMCacheEngine:
         self.storage_manager = storage_manager or StorageManager.from_config(
             config, metadata, memory_allocator, self.engine_id, self.chunk_spec)
         self._log_full = LogOnce(logger)
+        self._log_load = LogOnce(logger)
         self._closed = False
 
     # -- helpers -------------------------------------------------------------------------------
@@ -183,23 +186,40 @@ class LMCacheEngine:
         """Load the cached KV of the longest cached prefix of ``tokens`` into the serving
         engine through the GPU connector.
 
+        ``kwargs`` go to the GPU connector (``kvcaches``, ``slot_mapping``, ...), except
+        ``cache_salt`` (as for `store`) and ``timeout_s``, the longest this call may wait
+        for chunks: a float > 0, or None (the default) for no bound beyond the tiers' own.
+        With it, the call returns within about ``timeout_s`` plus the time of copying
+        the chunks that arrived by then (a copy is never interrupted): a chunk that has
+        not arrived from a tier below the hot tier by the deadline is a miss, and the
+        load stops there, so the mask is a prefix as always. Chunks in the hot tier are
+        in memory and always load; what arrives after the deadline is released.
+
         :returns: a CPU bool tensor, as long as ``tokens``, True for the tokens loaded.
         :raises ValueError: if the number of ``False`` entries in the mask is not a
-            multiple of the chunk size, or the connector's arguments are wrong.
+            multiple of the chunk size, ``timeout_s`` is not a finite number > 0 (or
+            None), or the connector's arguments are wrong.
         """
         self._check_open()
+        started_at = time.monotonic()
         connector = self._connector()
         cache_salt = kwargs.pop("cache_salt", None)
+        timeout_s = _check_timeout(kwargs.pop("timeout_s", None))
+        deadline = None if timeout_s is None else started_at + timeout_s
         started = time.perf_counter()
         chunks = list(self._chunks(tokens, mask, cache_salt))
         connector.check_kwargs(int(tokens.shape[0]), **kwargs)
         ret_mask = torch.zeros(int(tokens.shape[0]), dtype=torch.bool)
         per_tier: dict[str, list] = defaultdict(lambda: [[], 0, 0])
         first = chunks[0][0] if chunks else None
-        found_all = self.storage_manager.iter_get([key for _, _, key in chunks])
+        found_all = self.storage_manager.iter_get([key for _, _, key in chunks],
+                                                  deadline=deadline)
         try:
             for (start, end, key), found in zip(chunks, found_all):
                 if found is None:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        self._load_stopped(timeout_s, int(ret_mask.sum()),
+                                           sum(e - s for s, e, _ in chunks))
                     break
                 obj, tier = found
                 try:
@@ -219,6 +239,11 @@ class LMCacheEngine:
             engine_id=self.engine_id, num_tokens=int(ret_mask.shape[0]) - (first or 0),
             hit_tokens=int(ret_mask.sum()), duration_s=duration, operation="retrieve")
         return ret_mask
+
+    def _load_stopped(self, timeout_s: float | None, loaded: int, asked: int) -> None:
+        self._log_load("deadline", "a retrieve stopped at its deadline (timeout_s=%g): "
+                       "loaded %d of %d tokens; the chunks not loaded by then are misses",
+                       timeout_s, loaded, asked)
 
     def lookup(self, tokens: torch.Tensor, search_range: list[str] | str | None = None, *,
                cache_salt: str | None = None) -> int:
@@ -259,6 +284,16 @@ class LMCacheEngine:
         hooks().lmcache_engine_closing(engine_id=self.engine_id, engine=self)
         self._closed = True
         self.storage_manager.close()
+
+
+def _check_timeout(timeout_s: Any) -> float | None:
+    if timeout_s is None:
+        return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) \
+            or not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise ValueError(f"timeout_s must be a finite number of seconds > 0, or None for "
+                         f"no bound beyond the tiers' own; got {timeout_s!r}")
+    return float(timeout_s)
 
 
 def _check_salt(cache_salt: Any) -> None:

@@ -188,6 +188,10 @@ class LMCacheEngineConfig(BaseModel):
     blocking_timeout_secs: float = Field(
         10.0, gt=0, description="Longest wait for one call to the remote tier; a slower "
         "or unreachable store is a miss, never an error.")
+    load_timeout_s: float | None = Field(
+        2.0, gt=0, description="Longest the vLLM connector's loads may hold one step, in "
+        "seconds; chunks not loaded by then are recomputed. None: no bound beyond the "
+        "tiers' own.")
     save_decode_cache: bool = Field(
         False, description="Also store the KV of tokens generated during decoding.")
     enable_blending: bool = Field(
@@ -247,6 +251,13 @@ class LMCacheEngineConfig(BaseModel):
     def _not_a_bool(cls, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError("expected an integer, not a boolean")
+        return value
+
+    @field_validator("load_timeout_s", mode="before")
+    @classmethod
+    def _seconds_not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("expected a number of seconds (or null), not a boolean")
         return value
 
     @field_validator("local_disk", mode="before")

@@ -53,6 +53,21 @@ class StorageFault(RuntimeError):
     """A tier failed an operation and ``error_handling`` is off."""
 
 
+class _Search(Future):
+    """The future of `StorageManager._search_below`: the chunk's memory object (or None
+    for a miss), and in `tier` the tier it came from or whose exception it carries."""
+
+    tier = ""
+
+
+def _wait_s(bound: float, deadline: float | None) -> float:
+    """The longest wait: ``bound``, or less when ``deadline`` (`time.monotonic`) comes
+    first; never negative."""
+    if deadline is None:
+        return bound
+    return max(0.0, min(bound, deadline - time.monotonic()))
+
+
 class _ReclaimingAllocator(MemoryAllocatorInterface):
     """The engine's allocator as the tiers see it: a failed allocation first evicts
     least recently used chunks from the hot tier, then tries again."""
@@ -338,29 +353,139 @@ class StorageManager:
                 num_bytes=num_bytes, duration_s=time.perf_counter() - started)
         return done
 
-    def get(self, key: CacheEngineKey, search_range: Sequence[str] | None = None
-            ) -> tuple[MemoryObj, str] | None:
-        """The chunk and the tier it came from, or None. The caller owns one reference."""
+    def get(self, key: CacheEngineKey, search_range: Sequence[str] | None = None,
+            deadline: float | None = None) -> tuple[MemoryObj, str] | None:
+        """The chunk and the tier it came from, or None. The caller owns one reference.
+
+        With a ``deadline`` (a `time.monotonic` value), every wait ends by then and a
+        chunk that has not arrived is a miss: the hot tier is read as always (its chunks
+        are in memory), the tiers below it only while time remains, through their
+        prefetch (`_search_below`), never their blocking get; what arrives late is
+        released.
+        """
         pending = self._prefetching.get(key)
         if pending is not None:
             try:
-                pending.result(timeout=PREFETCH_WAIT_S)
+                pending.result(timeout=_wait_s(PREFETCH_WAIT_S, deadline))
             except Exception:  # a failed or slow prefetch is just not there
                 pass
-        for name, tier in self._tiers_in(search_range):
-            try:
-                if not tier.contains(key):
-                    continue
-                obj = tier.get_blocking(key)
-            except Exception as exc:
-                self._fault(name, "get", exc)
-                continue
-            if obj is None or not self._admit(name, key, obj):
-                continue
-            if name != self.hot_tier_name and self.hot_tier is not None:
-                self._promote(key, obj)
-            return obj, name
+        tiers = self._tiers_in(search_range)
+        if deadline is not None:
+            return self._get_by(key, tiers, deadline)
+        for name, tier in tiers:
+            found = self._get_now(name, tier, key)
+            if found is not None:
+                return found
         return None
+
+    def _get_now(self, name: str, tier: StorageBackendInterface, key: CacheEngineKey
+                 ) -> tuple[MemoryObj, str] | None:
+        """``key`` from ``tier`` by its blocking get (admitted, promoted), or None."""
+        try:
+            if not tier.contains(key):
+                return None
+            obj = tier.get_blocking(key)
+        except Exception as exc:
+            self._fault(name, "get", exc)
+            return None
+        if obj is None or not self._admit(name, key, obj):
+            return None
+        if name != self.hot_tier_name and self.hot_tier is not None:
+            self._promote(key, obj)
+        return obj, name
+
+    def _get_hot(self, key: CacheEngineKey, tiers: list[tuple[str, Any]]
+                 ) -> tuple[MemoryObj, str] | None:
+        """``key`` from the hot tier, if it is among ``tiers`` (a read of memory)."""
+        for name, tier in tiers:
+            if name == self.hot_tier_name:
+                return self._get_now(name, tier, key)
+        return None
+
+    def _get_by(self, key: CacheEngineKey, tiers: list[tuple[str, Any]], deadline: float
+                ) -> tuple[MemoryObj, str] | None:
+        """`get` under a deadline: the hot tier, then the tiers below it while time
+        remains."""
+        found = self._get_hot(key, tiers)
+        if found is not None:
+            return found
+        left = deadline - time.monotonic()
+        if left <= 0 or not any(name != self.hot_tier_name for name, _ in tiers):
+            return None
+        search = self._search_below(key, tiers)
+        return self._take(key, search, "", deadline)
+
+    def _take(self, key: CacheEngineKey, future: Future, source: str,
+              deadline: float | None) -> tuple[MemoryObj, str] | None:
+        """What a load's ``future`` (from ``source``, or a `_Search`) brought, admitted
+        and promoted, waited for at most `PREFETCH_WAIT_S` and until ``deadline``. A
+        load that is not done by then is left to finish on its own: what it brings
+        then is released. Reaching the deadline is a miss; reaching the last-resort
+        bound, or a load that failed, is a fault of the tier."""
+        wait = _wait_s(PREFETCH_WAIT_S, deadline)
+        try:  # tiers bound their own loads; PREFETCH_WAIT_S is the last resort
+            obj = future.result(timeout=wait)
+        except FutureTimeout as exc:
+            future.add_done_callback(release_late_result)
+            if wait >= PREFETCH_WAIT_S:
+                self._fault(getattr(future, "tier", "") or source, "get", exc)
+            return None
+        except Exception as exc:
+            self._fault(getattr(future, "tier", "") or source, "get", exc)
+            return None
+        if isinstance(future, _Search):
+            source = future.tier  # the search admitted it already
+        elif obj is not None and not self._admit(source, key, obj):
+            obj = None
+        if obj is None:
+            return None
+        if source != self.hot_tier_name and self.hot_tier is not None:
+            self._promote(key, obj)
+        return obj, source
+
+    def _search_below(self, key: CacheEngineKey, tiers: list[tuple[str, Any]]) -> _Search:
+        """Load ``key`` from the first of ``tiers`` below the hot tier that holds it, on
+        a daemon thread of its own: a caller with a deadline waits on the returned
+        future for no longer than it has, while the search asks each tier's `contains`
+        (a round trip for a remote store that does not know the key) and waits for its
+        prefetch, which the tier bounds itself. A miss, an object that is not this
+        engine's chunk or a load that does not end within `PREFETCH_WAIT_S` goes on to
+        the next tier, as in `get`; a tier's exception ends the search with it when
+        ``error_handling`` is off (the caller raises it), else it is reported and the
+        next tier is asked."""
+        search = _Search()
+        search.set_running_or_notify_cancel()
+        below = [(name, tier) for name, tier in tiers if name != self.hot_tier_name]
+
+        def run() -> None:
+            for name, tier in below:
+                try:
+                    if not tier.contains(key):
+                        continue
+                    future = tier.submit_prefetch_task(key)
+                    if future is None:
+                        continue
+                    try:
+                        obj = future.result(timeout=PREFETCH_WAIT_S)
+                    except FutureTimeout as exc:
+                        future.add_done_callback(release_late_result)
+                        self._report(name, "get", exc)
+                        continue
+                except Exception as exc:
+                    if not self.error_handling:
+                        search.tier = name
+                        search.set_exception(exc)
+                        return
+                    self._report(name, "get", exc)
+                    continue
+                if obj is not None and self._admit(name, key, obj):
+                    search.tier = name
+                    search.set_result(obj)
+                    return
+            search.set_result(None)
+
+        threading.Thread(target=run, name=f"{self.engine_id}-load", daemon=True).start()
+        return search
 
     def _admit(self, tier: str, key: CacheEngineKey, obj: MemoryObj) -> bool:
         """Whether ``obj``, found for ``key`` in ``tier``, is one of this engine's chunks;
@@ -380,15 +505,25 @@ class StorageManager:
 
     def iter_get(self, keys: Sequence[CacheEngineKey],
                  search_range: Sequence[str] | None = None,
-                 read_ahead: int = READ_AHEAD) -> Iterator[tuple[MemoryObj, str] | None]:
+                 read_ahead: int = READ_AHEAD, deadline: float | None = None
+                 ) -> Iterator[tuple[MemoryObj, str] | None]:
         """`get` for a run of keys, reading up to ``read_ahead`` chunks ahead from the
         tiers below the hot tier, so that loading chunk i+1 overlaps the caller's work on
         chunk i. Yields what `get` returns, in order. Close the iterator (or let it end)
         when stopping early: chunks read ahead and not taken are released then.
+
+        With a ``deadline`` (a `time.monotonic` value) no wait lasts beyond it: a chunk
+        below the hot tier that has not arrived by then is None, and so is every later
+        one that the hot tier does not hold (nothing more is asked of the tiers below
+        it); a chunk that arrived in time is yielded even when the caller comes to it
+        after the deadline, and so is every chunk of the hot tier. The search below the
+        hot tier runs off the caller's thread then (`_search_below`), so that no
+        tier's call holds the caller past the deadline. What arrives late is released.
         """
         tiers = self._tiers_in(search_range)
         pending: deque[tuple[CacheEngineKey, Future | None, str]] = deque()
         upcoming = iter(keys)
+        has_below = any(name != self.hot_tier_name for name, _ in tiers)
 
         def launch() -> None:
             key = next(upcoming, None)
@@ -396,7 +531,12 @@ class StorageManager:
                 return
             future, source = None, ""
             hot = self.hot_tier
-            if not (hot is not None and hot.contains(key)) and key not in self._prefetching:
+            if (hot is not None and hot.contains(key)) or key in self._prefetching:
+                pass
+            elif deadline is not None:
+                if has_below and deadline > time.monotonic():
+                    future = self._search_below(key, tiers)
+            else:
                 for name, tier in tiers:
                     if name == self.hot_tier_name:
                         continue
@@ -414,23 +554,16 @@ class StorageManager:
             while pending:
                 key, future, source = pending.popleft()
                 launch()
-                obj = None
-                if future is not None:
-                    try:  # tiers bound their own loads; this bound is the last resort
-                        obj = future.result(timeout=PREFETCH_WAIT_S)
-                    except FutureTimeout as exc:
-                        future.add_done_callback(release_late_result)
-                        self._fault(source, "get", exc)
-                    except Exception as exc:
-                        self._fault(source, "get", exc)
-                if obj is not None and not self._admit(source, key, obj):
-                    obj = None
-                if obj is None:
-                    yield self.get(key, search_range)
+                if future is None:
+                    yield self.get(key, search_range, deadline)
                     continue
-                if self.hot_tier is not None:
-                    self._promote(key, obj)
-                yield obj, source
+                found = self._take(key, future, source, deadline)
+                if found is None:
+                    # the tiers below were asked (or time is up): only the hot tier,
+                    # which a prefetch may have filled meanwhile, is asked again
+                    found = (self._get_hot(key, tiers) if deadline is not None else
+                             self.get(key, search_range))
+                yield found
         finally:
             for _, future, _ in pending:  # read ahead, never taken: released when done
                 if future is not None:

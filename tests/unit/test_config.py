@@ -366,3 +366,41 @@ def test_metadata_validation():
         LMCacheEngineMetadata("m", 1, 0, "vllm", torch.float16, (4, 3, 256, 8, 64))
     with pytest.raises(ValueError, match="kv_dtype"):
         LMCacheEngineMetadata("m", 1, 0, "vllm", "fp16", (4, 2, 256, 8, 64))
+
+
+# -- the load deadline ---------------------------------------------------------------------
+
+
+def test_load_timeout_s_from_yaml_and_the_environment(monkeypatch, tmp_path):
+    assert LMCacheEngineConfig().load_timeout_s == 2.0
+    assert LMCacheEngineConfig.from_file(str(write(tmp_path, "load_timeout_s: 0.25\n"))
+                                         ).load_timeout_s == 0.25
+    assert LMCacheEngineConfig.from_file(str(write(tmp_path, "load_timeout_s: null\n"))
+                                         ).load_timeout_s is None
+    monkeypatch.delenv("LMCACHE_CONFIG_FILE", raising=False)
+    monkeypatch.setenv("LMCACHE_LOAD_TIMEOUT_S", "0.5")
+    assert LMCacheEngineConfig.from_env().load_timeout_s == 0.5
+    for spelling in ("None", "null"):
+        monkeypatch.setenv("LMCACHE_LOAD_TIMEOUT_S", spelling)
+        assert LMCacheEngineConfig.from_env().load_timeout_s is None
+    monkeypatch.setenv("LMCACHE_LOAD_TIMEOUT_S", "0")
+    with pytest.raises(ConfigError) as info:
+        LMCacheEngineConfig.from_env()
+    assert "$LMCACHE_LOAD_TIMEOUT_S: load_timeout_s: Input should be greater than 0" in \
+        str(info.value)
+
+
+@pytest.mark.parametrize("yaml_value, needle", [
+    ("0", "greater than 0"),
+    ("-1.5", "greater than 0"),
+    (".inf", "finite number"),
+    (".nan", "finite number"),
+    ("true", "not a boolean"),
+    ("soon", "valid number"),
+])
+def test_load_timeout_s_must_be_a_finite_number_of_seconds(tmp_path, yaml_value, needle):
+    path = write(tmp_path, f"load_timeout_s: {yaml_value}\n")
+    with pytest.raises(ConfigError) as info:
+        LMCacheEngineConfig.from_file(str(path))
+    assert needle in issues_of(info.value)["load_timeout_s"]
+    assert str(path) in str(info.value)

@@ -1,0 +1,189 @@
+"""A retrieve with ``timeout_s`` ends by its deadline when the remote tier is frozen.
+
+Real servers on loopback (redis-server, SeaweedFS for ``s3://``), each test with a
+server of its own, since it freezes it (SIGSTOP). The engine has a small CPU tier above
+the remote one; the hot tier is emptied after the store, so that every chunk has to come
+from the frozen store. With the deadline the call ends within it (plus a margin for a
+loaded machine), also once the store is in an outage and the tier's ``contains`` asks
+it again; without, it waits for the tier's own timeout. Chunks that arrive after the
+deadline are released, the mask is always a prefix, and once the store answers again
+the whole prompt loads bit-exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from lmcache.testing.fixtures import service_missing
+from lmcache.testing.servers import RedisServer, SeaweedS3Server, ServiceUnavailable
+from tests.integration.test_engine import (
+    CHUNK,
+    CONNECTORS,
+    build,  # noqa: F401 - the fixture
+    make_config,
+    metadata,
+    paged_kwargs,
+    tokens,
+)
+from tests.integration.test_remote_tiers import loaded_exactly
+from tests.kvutil import Geometry
+
+#: The remote tier's own bound on one call: long enough that waiting for it is clearly
+#: not the deadline, short enough that the test measures it.
+TIER_TIMEOUT_S = 3.0
+DEADLINE_S = 0.5
+#: What a retrieve with DEADLINE_S may take on a loaded machine (copies, thread starts).
+DEADLINE_BOUND_S = 1.5
+CHUNKS = 12
+
+
+@pytest.fixture(params=["redis", "s3"])
+def remote(request) -> Iterator[tuple[Any, dict]]:
+    """A server of the test's own and the storage_backends entry of a tier on it."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    bounds = {"timeout_s": TIER_TIMEOUT_S, "retry_interval_s": 0.1,
+              "max_retry_interval_s": 0.2, "namespace": namespace}
+    if request.param == "s3":
+        try:
+            import s3fs  # noqa: F401
+        except ImportError as exc:
+            service_missing("s3fs", exc)
+        server: Any = SeaweedS3Server()
+    else:
+        server = RedisServer()
+    try:
+        server.start()
+    except ServiceUnavailable as exc:
+        service_missing(f"a {request.param} server", exc)
+    try:
+        if request.param == "s3":
+            tier = {"name": "remote", "url": f"{server.make_bucket('lmcache-deadline')}/kv",
+                    "storage_options": server.storage_options(), **bounds}
+        else:
+            tier = {"name": "redis", "url": server.url, **bounds}
+        yield server, tier
+    finally:
+        server.resume()
+        server.stop()
+
+
+def is_prefix(mask: torch.Tensor) -> bool:
+    n = int(mask.sum())
+    return bool(mask[:n].all()) and not mask[n:].any() and n % CHUNK == 0
+
+
+def timed_retrieve(engine, toks, g, n, **kwargs) -> tuple[float, torch.Tensor, dict]:
+    dst = paged_kwargs(g, n, seed=7, zero=True)
+    started = time.monotonic()
+    mask = engine.retrieve(toks, **dst, **kwargs)
+    return time.monotonic() - started, mask, dst
+
+
+def stopped_at_deadline(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "lmcache.kernel.cache_engine"
+            and r.levelno >= logging.WARNING and "stopped at its deadline" in r.getMessage()]
+
+
+def wait_for(condition, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_retrieve_ends_by_its_deadline_when_the_remote_tier_is_frozen(
+        build, remote, caplog):  # noqa: F811
+    server, tier = remote
+    g = Geometry()
+    # error_handling off: a deadline reached is a miss, never a StorageFault
+    config = make_config(error_handling=False, storage_backends=["local_cpu", tier])
+    engine = build(config, metadata(g), CONNECTORS["paged_v2_stacked"](g))
+    manager = engine.storage_manager
+    allocator = engine.memory_allocator
+    n = CHUNKS * CHUNK
+    toks = tokens(n, seed=3)
+    src = paged_kwargs(g, n, seed=7)
+    engine.store(toks, **src)
+    manager.flush(timeout=30)
+    hot = manager.hot_tier
+    assert hot.evict_for(1 << 40) and len(hot) == 0  # every chunk is in the remote only
+    assert allocator.num_active_allocations == 0
+    assert engine.lookup(toks) == n
+    caplog.set_level(logging.WARNING, logger="lmcache.kernel.cache_engine")
+
+    # frozen: the deadline ends the call; the store answers right after, and what it
+    # sends for the loads given up on (read ahead, or waited for) is released
+    server.pause()
+    try:
+        with_deadline, mask, dst = timed_retrieve(engine, toks, g, n, timeout_s=DEADLINE_S)
+    finally:
+        server.resume()
+    assert is_prefix(mask) and loaded_exactly(src, dst, mask, src["slot_mapping"])
+    assert not mask.all()
+    assert wait_for(lambda: allocator.num_active_allocations == len(hot),
+                    within=2 * TIER_TIMEOUT_S), "chunks that arrived late were not released"
+    stopped = stopped_at_deadline(caplog)
+    assert len(stopped) == 1, stopped
+    assert f"loaded {int(mask.sum())} of {n} tokens" in stopped[0]
+
+    # frozen, with a prefetch of the prompt under way: the retrieve waits for it only
+    # until the deadline; what the prefetch brings later is promoted, as prefetches are
+    server.pause()
+    try:
+        engine.prefetch(toks)
+        prefetching, mask, dst = timed_retrieve(engine, toks, g, n, timeout_s=DEADLINE_S)
+    finally:
+        server.resume()
+    assert is_prefix(mask) and loaded_exactly(src, dst, mask, src["slot_mapping"])
+    manager.wait_for_prefetches(timeout=2 * TIER_TIMEOUT_S)
+    assert wait_for(lambda: allocator.num_active_allocations == len(hot), within=5)
+    hot.evict_for(1 << 40)
+
+    # frozen: without a deadline the call waits for the tier's own bound
+    server.pause()
+    try:
+        without, mask, dst = timed_retrieve(engine, toks, g, n)
+        assert is_prefix(mask) and loaded_exactly(src, dst, mask, src["slot_mapping"])
+        # the store is in an outage now (its known keys forgotten): past the back-off,
+        # the tier's contains asks the frozen store, for up to its own bound
+        time.sleep(0.3)
+        in_outage, mask, dst = timed_retrieve(engine, toks, g, n, timeout_s=DEADLINE_S)
+        assert is_prefix(mask) and loaded_exactly(src, dst, mask, src["slot_mapping"])
+        # the storage manager's get, which a retrieve falls back on, has the same bound
+        first_key = next(iter(engine.token_database.process_tokens(toks)))[2]
+        started = time.monotonic()
+        assert manager.get(first_key, deadline=started + DEADLINE_S) is None
+        get_s = time.monotonic() - started
+    finally:
+        server.resume()
+    print(f"\n{tier['name']}: frozen store, {CHUNKS} chunks, tier timeout "
+          f"{TIER_TIMEOUT_S:g} s: retrieve {with_deadline:.2f} s with timeout_s="
+          f"{DEADLINE_S:g}, {prefetching:.2f} s with a prefetch under way, "
+          f"{in_outage:.2f} s with the store in an outage ({get_s:.2f} s for one get), "
+          f"{without:.2f} s without a deadline")
+    assert with_deadline < DEADLINE_BOUND_S, with_deadline
+    assert prefetching < DEADLINE_BOUND_S, prefetching
+    assert get_s < DEADLINE_BOUND_S, get_s
+    assert in_outage < DEADLINE_BOUND_S, in_outage
+    assert without > TIER_TIMEOUT_S - 0.1, without
+    assert len(stopped_at_deadline(caplog)) == 1  # a warning once per engine
+
+    # the store answers again: the whole prompt loads, bit-exact, within a deadline
+    def loads_all() -> bool:
+        hot.evict_for(1 << 40)
+        _, mask, dst = timed_retrieve(engine, toks, g, n, timeout_s=2 * TIER_TIMEOUT_S)
+        assert is_prefix(mask) and loaded_exactly(src, dst, mask, src["slot_mapping"])
+        return bool(mask.all())
+
+    assert wait_for(loads_all, within=30), "the store did not come back"
+    assert len(hot) == CHUNKS  # promoted
+    assert wait_for(lambda: allocator.num_active_allocations == len(hot), within=5)
