@@ -187,3 +187,71 @@ def test_retrieve_ends_by_its_deadline_when_the_remote_tier_is_frozen(
     assert wait_for(loads_all, within=30), "the store did not come back"
     assert len(hot) == CHUNKS  # promoted
     assert wait_for(lambda: allocator.num_active_allocations == len(hot), within=5)
+
+
+def test_the_vllm_step_is_held_no_longer_than_load_timeout_s(monkeypatch):
+    """The connector's loads of one step share one bound: with the remote tier frozen,
+    `start_load_kv` of two requests returns within ``load_timeout_s`` (not the tier's
+    timeout per request), and the blocks not loaded are reported for recompute."""
+    from types import SimpleNamespace
+
+    from lmcache.integration.vllm.vllm_v1_adapter import (
+        LMCacheConnectorMetadata,
+        LMCacheConnectorV1Impl,
+        LoadSpec,
+        RequestMeta,
+    )
+
+    server = RedisServer()
+    try:
+        server.start()
+    except ServiceUnavailable as exc:
+        service_missing("a redis server", exc)
+    block, chunk = 16, 32
+    for name, value in {"CHUNK_SIZE": chunk, "LOCAL_DISK": "None", "REMOTE_URL": server.url,
+                        "BLOCKING_TIMEOUT_SECS": TIER_TIMEOUT_S,
+                        "LOAD_TIMEOUT_S": DEADLINE_S, "MAX_LOCAL_CPU_SIZE": 0.05}.items():
+        monkeypatch.setenv(f"LMCACHE_{name}", str(value))
+    vcfg = SimpleNamespace(
+        instance_id=f"deadline-{uuid.uuid4().hex[:8]}",
+        cache_config=SimpleNamespace(block_size=block),
+        model_config=SimpleNamespace(model="unit/model"),
+        kv_transfer_config=SimpleNamespace(kv_role="kv_both", kv_connector_extra_config={}))
+    worker = LMCacheConnectorV1Impl(vcfg, SimpleNamespace(name="WORKER"), parent=None)
+    try:
+        gen = torch.Generator().manual_seed(4)
+        caches = {f"layer.{i}": torch.randn(40, 2, block, 16, generator=gen) for i in range(2)}
+        worker.register_kv_caches(caches)
+        n = 8 * chunk
+        prompts = {"a": list(range(1, n + 1)), "b": list(range(5000, 5000 + n))}
+        blocks = {"a": list(range(0, 16)), "b": list(range(16, 32))}
+        worker.bind_connector_metadata(LMCacheConnectorMetadata([
+            RequestMeta(r, prompts[r], blocks[r], None, save_end=n) for r in prompts]))
+        worker.wait_for_save()
+        manager = worker.engine.storage_manager
+        manager.flush(timeout=30)
+        assert manager.hot_tier.evict_for(1 << 40) and len(manager.hot_tier) == 0
+        meta = LMCacheConnectorMetadata([
+            RequestMeta(r, prompts[r], blocks[r], None, load=LoadSpec(0, n, n - 1))
+            for r in prompts])
+        server.pause()
+        try:
+            worker.bind_connector_metadata(meta)
+            started = time.monotonic()
+            worker.start_load_kv(None)
+            held = time.monotonic() - started
+        finally:
+            server.resume()
+        failed = worker.get_block_ids_with_load_errors()
+        print(f"\nstart_load_kv of 2 requests, Redis frozen: {held:.2f} s "
+              f"(load_timeout_s={DEADLINE_S:g}, tier timeout {TIER_TIMEOUT_S:g} s)")
+        assert held < DEADLINE_BOUND_S, held
+        assert failed and failed <= set(blocks["a"]) | set(blocks["b"])
+        assert set(blocks["b"]) <= failed  # the second request found no time left
+        # the store answers again: a later step loads everything
+        worker.bind_connector_metadata(meta)
+        worker.start_load_kv(None)
+        assert worker.get_block_ids_with_load_errors() == set()
+    finally:
+        worker.shutdown()
+        server.stop()

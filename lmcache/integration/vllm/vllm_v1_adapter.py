@@ -417,11 +417,13 @@ class LMCacheConnectorV1Impl:
         if self.engine is None or not isinstance(meta, LMCacheConnectorMetadata):
             return
         self._failed_loads.clear()
+        bound = self.config.load_timeout_s
+        deadline = None if bound is None else time.monotonic() + bound
         for req in meta.requests:
             if req.load is not None:
-                self._load(req)
+                self._load(req, deadline)
 
-    def _load(self, req: RequestMeta) -> None:
+    def _load(self, req: RequestMeta, deadline: float | None = None) -> None:
         spec = req.load
         assert spec is not None and self.engine is not None
         expected_end = spec.vllm_cached + spec.num_external
@@ -435,8 +437,12 @@ class LMCacheConnectorV1Impl:
             mask[:start] = False
             slots = self._slot_mapping(req.block_ids, n)
             slots[:spec.vllm_cached] = -1  # vLLM's own prefix cache: never overwrite it
+            # one bound for the whole step: what is not loaded by then is recomputed
+            # (chunks already in CPU memory still load: they cost a copy, not a wait)
+            timeout = None if deadline is None else max(1e-6, deadline - time.monotonic())
             got = self.engine.retrieve(tokens, mask, kvcaches=self._kvcaches,
-                                       slot_mapping=slots, cache_salt=req.cache_salt)
+                                       slot_mapping=slots, cache_salt=req.cache_salt,
+                                       timeout_s=timeout)
             loaded_end = start + int(got[start:].long().cumprod(0).sum())
         except Exception as exc:
             self._warn_once("loading KV", exc)
@@ -487,6 +493,18 @@ class LMCacheConnectorV1Impl:
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None,
                                                                 set[str] | None]:
+        """Stores and loads finish within their step: nothing is ever in flight here."""
+        if finished_req_ids and self.engine is not None and logger.isEnabledFor(logging.DEBUG):
+            manager = self.engine.storage_manager
+            hot = manager.hot_tier
+            try:
+                allocated = manager.memory_allocator.allocated_bytes
+            except NotImplementedError:
+                allocated = -1
+            logger.debug("lmcache: %d request(s) finished; hot tier: %d chunks, %d bytes; "
+                         "%d bytes allocated", len(finished_req_ids),
+                         len(hot) if hot is not None and hasattr(hot, "__len__") else -1,
+                         getattr(hot, "used_bytes", -1), allocated)
         return None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -552,6 +570,9 @@ class LMCacheConnectorV1Impl:
                              ) -> LMCacheConnectorMetadata:
         meta = LMCacheConnectorMetadata()
         scheduled = scheduler_output.num_scheduled_tokens
+        preempted = getattr(scheduler_output, "preempted_req_ids", None)
+        if preempted:
+            logger.debug("lmcache: vLLM preempted %s", sorted(preempted))
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._tracked.get(new.req_id)
             if tracked is None:
@@ -567,6 +588,8 @@ class LMCacheConnectorV1Impl:
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
                 tracked.block_ids = list(new_blocks[0]) if new_blocks is not None else []
+                logger.debug("lmcache: request %s resumed after preemption at token %d",
+                             req_id, cached.num_computed_tokens[i])
             elif new_blocks is not None:
                 tracked.block_ids.extend(new_blocks[0])
             self._emit(meta, req_id, tracked, cached.num_computed_tokens[i],
@@ -608,6 +631,9 @@ class LMCacheConnectorV1Impl:
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
         self._tracked.pop(request.request_id, None)
+        logger.debug("lmcache: request %s finished (%s); %d request(s) tracked",
+                     request.request_id, getattr(request.status, "name", request.status),
+                     len(self._tracked))
         return False, None
 
 
