@@ -180,6 +180,12 @@ class FrameServer:
         """Block until `stop` (or ``timeout``); returns whether it stopped."""
         return self._stopped.wait(timeout)
 
+    @property
+    def num_clients(self) -> int:
+        """Connections being served now (each holds one of ``max_clients``)."""
+        with self._lock:
+            return len(self._clients)
+
     def stop(self) -> None:
         """Stop accepting, close every connection (threads in a call end with it)."""
         self._stopped.set()

@@ -117,10 +117,14 @@ def test_s3_round_trip_and_objects(s3_server, s3_bucket, allocator, serde):
 
 def test_s3_frozen_server_is_bounded_then_back(s3_server, s3_bucket, allocator):
     backend = open_s3(s3_server, s3_bucket, allocator, timeout_s=1.0, retry_interval_s=0.2)
+    # the chunk is written by a tier with a generous bound (a loaded machine's SeaweedFS
+    # may take more than 1 s for a first write); the 1 s tier only reads it
+    writer = open_s3(s3_server, s3_bucket, allocator, timeout_s=30.0,
+                     namespace=backend.transport.prefix.rsplit("/", 1)[-1])
     obj = chunk(allocator, 5)
     try:
-        assert backend.submit_put_task(key(5), obj).result(timeout=60)
-        backend._known.clear()
+        assert writer.submit_put_task(key(5), obj).result(timeout=60)
+        writer.close()
         s3_server.pause()
         try:
             started = time.monotonic()
