@@ -284,3 +284,45 @@ def test_every_input_that_changes_the_kv_changes_the_salt(tmp_path):
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"weights-3")
     os.utime(tmp_path / "a" / "adapter_model.safetensors", ns=(1, 1))
     assert request_salt(_request(lora_request=a)) != salts["lora a"]
+
+
+# -- tensor and pipeline parallelism (issue 13) ------------------------------------------------
+
+
+def test_the_budgets_are_the_instances_shared_by_its_workers():
+    from lmcache.integration.vllm.vllm_v1_adapter import parallel_rank, per_worker_budget
+
+    config = LMCacheEngineConfig(local_cpu=True, max_local_cpu_size=4.0,
+                                 local_disk="/tmp/x", max_local_disk_size=10.0)
+    share = per_worker_budget(config, 4)
+    assert (share.max_local_cpu_size, share.max_local_disk_size) == (1.0, 2.5)
+    assert [s.options.get("max_size_gb") for s in share.storage_backend_specs()] == [1.0, 2.5]
+    assert (config.max_local_cpu_size, config.max_local_disk_size) == (4.0, 10.0)  # kept
+    explicit = LMCacheEngineConfig(storage_backends=[
+        {"name": "local_cpu", "max_size_gb": 3}, {"name": "local_disk", "path": "/tmp/y",
+                                                  "max_size_gb": 9},
+        {"name": "redis", "url": "redis://127.0.0.1:1"}])
+    share = per_worker_budget(explicit, 3)
+    assert [(s.name, s.options.get("max_size_gb")) for s in share.storage_backends] == [
+        ("local_cpu", 1.0), ("local_disk", 3.0), ("redis", None)]
+    assert share.storage_backends[1].options["path"] == "/tmp/y"
+    assert parallel_rank() == (0, 1)  # no vLLM parallel state here: one worker
+
+
+def test_each_worker_of_a_pipeline_and_tensor_parallel_instance_has_its_own_rank(monkeypatch):
+    pytest.importorskip("vllm")
+    import vllm.distributed.parallel_state as ps
+
+    from lmcache.integration.vllm.vllm_v1_adapter import parallel_rank
+
+    seen = set()
+    for pp_rank in range(2):
+        for tp_rank in range(3):
+            monkeypatch.setattr(ps, "get_tensor_model_parallel_rank", lambda r=tp_rank: r)
+            monkeypatch.setattr(ps, "get_tensor_model_parallel_world_size", lambda: 3)
+            monkeypatch.setattr(ps, "get_pp_group", lambda r=pp_rank: SimpleNamespace(
+                rank_in_group=r, world_size=2))
+            rank, world = parallel_rank()
+            assert world == 6
+            seen.add(rank)
+    assert seen == set(range(6))  # no two workers name their chunks alike

@@ -61,6 +61,7 @@ from lmcache.kernel.cache_engine import LMCacheEngine, LMCacheEngineBuilder
 from lmcache.kernel.config import (
     CONFIG_FILE_ENV,
     ENV_PREFIX,
+    ComponentSpec,
     ConfigError,
     LMCacheEngineConfig,
     env_overrides,
@@ -362,20 +363,20 @@ class LMCacheConnectorV1Impl:
             default_connector = "vllm_paged_v2"
             options = {"use_gpu": first.device.type == "cuda"}
             layout = CacheLayout("flash", 1, int(bs), int(heads), int(head_size))
+        elif getattr(self.vllm_config.model_config, "use_mla", False):
+            raise ValueError(
+                f"KV cache layer of shape {tuple(first.shape)}: this is an MLA model (one "
+                "latent tensor [num_blocks, block_size, kv_lora_rank + rope_dim] per "
+                "layer), which lmcache's vLLM connector does not support yet; run it "
+                "without kv_transfer_config")
         else:
             raise ValueError(f"KV cache layer of shape {tuple(first.shape)}; expected vLLM's "
                              "CPU layout [num_blocks, num_kv_heads, block_size, 2*head_size] "
                              "or the flash-attention layout [2, num_blocks, block_size, "
                              "num_kv_heads, head_size]")
-        try:
-            from vllm.distributed.parallel_state import (
-                get_tensor_model_parallel_rank,
-                get_tensor_model_parallel_world_size,
-            )
-            rank = get_tensor_model_parallel_rank()
-            world_size = get_tensor_model_parallel_world_size()
-        except Exception:  # no parallel state (a bare worker in tests): one worker
-            rank, world_size = 0, 1
+        rank, world_size = parallel_rank()
+        if world_size > 1:
+            self.config = per_worker_budget(self.config, world_size)
         metadata = LMCacheEngineMetadata(
             model_name=str(self.vllm_config.model_config.model), world_size=world_size,
             worker_id=rank, fmt="vllm", kv_dtype=first.dtype,
@@ -404,8 +405,11 @@ class LMCacheConnectorV1Impl:
         self._kvcaches = layers
         if rank == 0:
             self._server = LookupServer(self.instance_id, self.engine)
-        logger.info("lmcache engine %s: %d layers, %s %s, connector %s", self._engine_id,
-                    len(layers), tuple(first.shape), first.dtype, type(connector).__name__)
+        logger.info("lmcache engine %s: %d layers, %s %s, connector %s, worker %d of %d "
+                    "(CPU tier %.3g GB, disk tier %.3g GB)", self._engine_id, len(layers),
+                    tuple(first.shape), first.dtype, type(connector).__name__, rank,
+                    world_size, self.config.max_local_cpu_size,
+                    self.config.max_local_disk_size if self.config.local_disk else 0.0)
 
     def bind_connector_metadata(self, metadata: LMCacheConnectorMetadata) -> None:
         self._metadata = metadata
@@ -635,6 +639,49 @@ class LMCacheConnectorV1Impl:
                      request.request_id, getattr(request.status, "name", request.status),
                      len(self._tracked))
         return False, None
+
+
+def parallel_rank() -> tuple[int, int]:
+    """This worker's place among the workers of one vLLM instance: ``(rank, world_size)``
+    over tensor and pipeline parallelism (``rank = pp_rank * tp_size + tp_rank``). Every
+    worker holds another part of the KV (its heads, its layers), so each names its chunks
+    with its own rank; a bare worker without vLLM's parallel state is rank 0 of 1."""
+    try:
+        from vllm.distributed.parallel_state import (
+            get_pp_group,
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+        tp_rank = get_tensor_model_parallel_rank()
+        tp_size = get_tensor_model_parallel_world_size()
+    except Exception:  # no parallel state (a bare worker in tests): one worker
+        return 0, 1
+    try:
+        pp = get_pp_group()
+        pp_rank, pp_size = int(pp.rank_in_group), int(pp.world_size)
+    except Exception:
+        pp_rank, pp_size = 0, 1
+    return pp_rank * tp_size + tp_rank, tp_size * pp_size
+
+
+def per_worker_budget(config: LMCacheEngineConfig, world_size: int) -> LMCacheEngineConfig:
+    """The configuration of one of ``world_size`` workers: ``max_local_cpu_size`` and
+    ``max_local_disk_size`` are budgets of the vLLM instance, so each worker (its own
+    process, with its own tiers, holding 1/world_size of every chunk's KV) gets its
+    share of them; so does every tier's ``max_size_gb`` in ``storage_backends``."""
+    update: dict[str, Any] = {
+        "max_local_cpu_size": config.max_local_cpu_size / world_size,
+        "max_local_disk_size": config.max_local_disk_size / world_size}
+    if config.storage_backends is not None:
+        specs = []
+        for spec in config.storage_backends:
+            options = spec.options
+            size = options.get("max_size_gb")
+            if isinstance(size, (int, float)) and not isinstance(size, bool):
+                options["max_size_gb"] = size / world_size
+            specs.append(ComponentSpec(name=spec.name, **options))
+        update["storage_backends"] = specs
+    return config.model_copy(update=update)
 
 
 def _close_at_exit(ref: weakref.ref[LMCacheConnectorV1Impl]) -> None:
