@@ -326,3 +326,32 @@ def test_each_worker_of_a_pipeline_and_tensor_parallel_instance_has_its_own_rank
             assert world == 6
             seen.add(rank)
     assert seen == set(range(6))  # no two workers name their chunks alike
+
+
+# -- which models the connector serves (issue 13) ---------------------------------------------
+
+
+def test_models_with_state_other_than_attention_kv_are_refused_naming_their_layers():
+    transformers = pytest.importorskip("transformers")
+    from lmcache.integration.vllm.vllm_v1_adapter import check_model_kind, model_layer_kinds
+
+    jamba = transformers.JambaConfig(num_hidden_layers=4, attn_layer_period=2,
+                                     attn_layer_offset=1, num_experts=1)
+    model = SimpleNamespace(model="tiny/jamba", hf_config=jamba, hf_text_config=jamba,
+                            is_hybrid=True)
+    # (this transformers names Jamba's Mamba layers linear_attention in layer_types)
+    kinds = model_layer_kinds(model)
+    assert set(kinds) in ({"mamba", "attention"}, {"linear_attention", "full_attention"})
+    assert sorted(kinds.values()) == [2, 2]
+    with pytest.raises(ValueError, match="tiny/jamba: its layers are 2 .*, 2 "):
+        check_model_kind(model)
+    qwen3_next = SimpleNamespace(layer_types=["linear_attention"] * 3 + ["full_attention"])
+    with pytest.raises(ValueError, match="3 linear_attention, 1 full_attention"):
+        check_model_kind(SimpleNamespace(model="q", hf_text_config=qwen3_next))
+    with pytest.raises(ValueError, match="its layers are not listed"):
+        check_model_kind(SimpleNamespace(model="h", hf_text_config=None, is_hybrid=True))
+    # attention of every kind is served (sliding windows keep full KV under the connector)
+    gemma = transformers.Gemma2Config(num_hidden_layers=4)
+    check_model_kind(SimpleNamespace(model="g", hf_config=gemma, hf_text_config=gemma,
+                                     is_hybrid=False))
+    check_model_kind(SimpleNamespace(model="plain"))

@@ -249,6 +249,49 @@ def request_salt(request: Any) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------
+# Which models the connector can serve
+# ---------------------------------------------------------------------------------------
+
+#: Layer kinds (as Hugging Face configs name them) whose state is a paged KV cache. vLLM
+#: turns its hybrid KV cache manager off for this connector, so sliding-window and
+#: chunked layers then keep full KV, which the connector stores and loads like any other.
+ATTENTION_LAYER_KINDS = frozenset({"attention", "full_attention", "sliding_attention",
+                                   "chunked_attention", "local_attention", "global_attention"})
+
+
+def model_layer_kinds(model_config: Any) -> dict[str, int]:
+    """How many layers of each kind the model has, from its Hugging Face config
+    (``layer_types`` or ``layers_block_type``); empty when the config does not say."""
+    config = getattr(model_config, "hf_text_config", None) or \
+        getattr(model_config, "hf_config", None)
+    for attr in ("layer_types", "layers_block_type"):
+        kinds = getattr(config, attr, None)
+        if isinstance(kinds, (list, tuple)) and kinds:
+            counts: dict[str, int] = {}
+            for kind in kinds:
+                counts[str(kind)] = counts.get(str(kind), 0) + 1
+            return counts
+    return {}
+
+
+def check_model_kind(model_config: Any) -> None:
+    """Refuse, at start, a model whose layers keep state other than attention KV (Mamba,
+    linear attention, convolutions): vLLM cannot run such hybrid models with its hybrid
+    KV cache manager off, and lmcache would not store their state anyway."""
+    kinds = model_layer_kinds(model_config)
+    other = {k: n for k, n in kinds.items() if k not in ATTENTION_LAYER_KINDS}
+    if other or (getattr(model_config, "is_hybrid", False) is True and not kinds):
+        described = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "not listed"
+        raise ValueError(
+            f"lmcache's vLLM connector does not support {getattr(model_config, 'model', '')}: "
+            f"its layers are {described}; only attention layers "
+            f"({', '.join(sorted(ATTENTION_LAYER_KINDS))}) keep a KV cache lmcache can "
+            "store, and vLLM cannot run hybrid state-space models with a connector that "
+            "turns its hybrid KV cache manager off. Run this model without "
+            "kv_transfer_config.")
+
+
+# ---------------------------------------------------------------------------------------
 # The connector
 # ---------------------------------------------------------------------------------------
 
@@ -258,6 +301,7 @@ class LMCacheConnectorV1Impl:
 
     def __init__(self, vllm_config: VllmConfig, role: Any, parent: Any) -> None:
         _configure_logging()
+        check_model_kind(vllm_config.model_config)
         self.vllm_config = vllm_config
         self.parent = parent
         self.is_scheduler = getattr(role, "name", str(role)) == "SCHEDULER"
