@@ -355,3 +355,64 @@ def test_models_with_state_other_than_attention_kv_are_refused_naming_their_laye
     check_model_kind(SimpleNamespace(model="g", hf_config=gemma, hf_text_config=gemma,
                                      is_hybrid=False))
     check_model_kind(SimpleNamespace(model="plain"))
+
+
+# -- KV events (issue 13) --------------------------------------------------------------------
+
+
+def test_stored_chunks_become_kv_events_once_each(monkeypatch):
+    from lmcache.integration.vllm.vllm_v1_adapter import external_block_hash
+
+    monkeypatch.setenv("LMCACHE_CHUNK_SIZE", "32")
+    monkeypatch.setenv("LMCACHE_LOCAL_DISK", "None")
+    monkeypatch.setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", "0.05")
+    monkeypatch.setenv("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES", "0")  # vLLM: 1 by default
+    vcfg = _vllm_config(BLOCK)
+    vcfg.kv_events_config = SimpleNamespace(enable_kv_cache_events=True)
+    worker = LMCacheConnectorV1Impl(vcfg, SimpleNamespace(name="WORKER"), parent=None)
+    try:
+        worker.register_kv_caches(_caches("cpu", 5))
+        tokens = list(range(300, 370))  # two whole chunks and 6 tokens
+
+        def store(req_id, save_skip=0, salt=None, lora=None):
+            worker.bind_connector_metadata(LMCacheConnectorMetadata([RequestMeta(
+                req_id, tokens, [3, 7, 1, 9, 0], salt, save_skip=save_skip, save_end=70,
+                lora=lora)]))
+            worker.wait_for_save()
+            return worker.get_kv_events()
+
+        events = store("r1")
+        keys = [k for _, _, k in worker.engine.token_database.process_tokens(
+            torch.tensor(tokens))]
+        hashes = [external_block_hash(k.chunk_hash) for k in keys]
+        assert [e.block_hashes for e in events] == [[hashes[0]], [hashes[1]]]
+        assert [e.parent_block_hash for e in events] == [None, hashes[0]]
+        assert [e.token_ids for e in events] == [tokens[:32], tokens[32:64]]
+        assert {(e.block_size, e.medium, e.lora_name) for e in events} == {
+            (32, "local_cpu", None)}
+        assert isinstance(hashes[0], bytes) and len(hashes[0]) == 32
+        assert store("r2") == []  # already stored: no new event
+        assert worker.get_kv_events() == []
+        lora = store("r3", salt="lmcache-request/v1[\"x\"]", lora=("alpha", 1))
+        assert [(e.lora_name, e.lora_id) for e in lora] == [("alpha", 1)] * 2
+        assert lora[0].block_hashes != events[0].block_hashes  # another chunk, another hash
+        monkeypatch.setenv("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES", "1")
+        as_int = external_block_hash(keys[0].chunk_hash)
+        assert isinstance(as_int, int) and 0 <= as_int < 1 << 64
+    finally:
+        worker.shutdown()
+
+
+def test_no_kv_events_unless_vllm_asks_for_them(monkeypatch):
+    monkeypatch.setenv("LMCACHE_CHUNK_SIZE", "32")
+    monkeypatch.setenv("LMCACHE_LOCAL_DISK", "None")
+    monkeypatch.setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", "0.05")
+    worker = LMCacheConnectorV1Impl(_vllm_config(BLOCK), SimpleNamespace(name="WORKER"), None)
+    try:
+        worker.register_kv_caches(_caches("cpu", 6))
+        worker.bind_connector_metadata(LMCacheConnectorMetadata([RequestMeta(
+            "r", list(range(64)), [1, 2, 3, 4], None, save_end=64)]))
+        worker.wait_for_save()
+        assert worker.engine.lookup(torch.arange(64)) == 64 and worker.get_kv_events() == []
+    finally:
+        worker.shutdown()

@@ -67,6 +67,8 @@ from lmcache.kernel.config import (
     env_overrides,
 )
 from lmcache.kernel.metadata import LMCacheEngineMetadata
+from lmcache.plugin import hookimpl
+from lmcache.plugin.manager import get_plugin_manager
 from lmcache.plugin.registry import registry
 
 try:  # the base class of connector metadata; absent when vLLM is not installed
@@ -165,6 +167,8 @@ class RequestMeta:
     #: store ``token_ids[:save_end]``, skipping the first ``save_skip`` (chunk aligned)
     save_skip: int = 0
     save_end: int = 0
+    #: the request's LoRA adapter ``(name, id)``, for the KV events of its chunks
+    lora: tuple[str, int] | None = None
 
 
 @dataclass
@@ -249,6 +253,68 @@ def request_salt(request: Any) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------
+# KV events
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class StoredChunk:
+    """A chunk lmcache stored, as vLLM's ``LMCacheConnectorV1`` reads it to publish a
+    ``BlockStored`` event: one block of ``chunk_size`` tokens named by the chunk's prefix
+    hash, in the tier (``medium``) that made it visible."""
+
+    block_hashes: list[bytes | int]
+    parent_block_hash: bytes | int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    lora_name: str | None
+    medium: str
+
+
+def external_block_hash(chunk_hash: str) -> bytes | int:
+    """A chunk's hash as vLLM publishes block hashes: bytes, or the low 64 bits as an int
+    when ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`` is set (as vLLM does for its own)."""
+    try:
+        raw = bytes.fromhex(chunk_hash)
+    except ValueError:  # a third-party token database's own hash strings
+        raw = chunk_hash.encode("utf-8", "surrogatepass")
+    try:
+        import vllm.envs as envs
+        as_int = bool(envs.VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES)
+    except Exception:
+        as_int = os.environ.get("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES", "1") not in ("", "0")
+    return int.from_bytes(raw, "big") & ((1 << 64) - 1) if as_int else raw
+
+
+class _StoreRecorder:
+    """An lmcache hook plugin that records, between `start` and `stop`, the chunks one
+    engine's store made visible in a tier on the calling thread (the synchronous tiers;
+    writes to lower tiers complete later, on their writer threads, and are not events)."""
+
+    def __init__(self, engine_id: str) -> None:
+        self.engine_id = engine_id
+        self._thread: int | None = None
+        self._stored: dict[Any, str] = {}
+
+    def start(self) -> None:
+        self._stored = {}
+        self._thread = threading.get_ident()
+
+    def stop(self) -> dict[Any, str]:
+        self._thread = None
+        stored, self._stored = self._stored, {}
+        return stored
+
+    @hookimpl
+    def lmcache_chunks_stored(self, engine_id: str, tier: str, keys: Any, num_tokens: int,
+                              num_bytes: int, duration_s: float) -> None:
+        if engine_id == self.engine_id and threading.get_ident() == self._thread:
+            for key in keys:
+                self._stored.setdefault(key, tier)
+
+
+# ---------------------------------------------------------------------------------------
 # Which models the connector can serve
 # ---------------------------------------------------------------------------------------
 
@@ -327,6 +393,10 @@ class LMCacheConnectorV1Impl:
         self._failed_loads: set[str] = set()  # requests of this step whose load failed
         self._server: LookupServer | None = None
         self._warned: set[str] = set()
+        events = getattr(vllm_config, "kv_events_config", None)
+        self._events_enabled = bool(getattr(events, "enable_kv_cache_events", False))
+        self._recorder: _StoreRecorder | None = None
+        self._kv_events: list[StoredChunk] = []
         self._closed = False
         self._close_lock = threading.Lock()
         # vLLM's wrapper does not forward shutdown(): flush the tiers when the process
@@ -446,6 +516,9 @@ class LMCacheConnectorV1Impl:
                                                          metadata, connector)
         # the published examples end with LMCacheEngineBuilder.destroy(ENGINE_NAME)
         LMCacheEngineBuilder.add_alias(ENGINE_NAME, self._engine_id)
+        if self._events_enabled:
+            self._recorder = _StoreRecorder(self.engine.engine_id)
+            get_plugin_manager().register(self._recorder)
         self._kvcaches = layers
         if rank == 0:
             self._server = LookupServer(self.instance_id, self.engine)
@@ -530,9 +603,17 @@ class LMCacheConnectorV1Impl:
                 tokens = torch.tensor(req.token_ids[:n], dtype=torch.int64)
                 mask = torch.ones(n, dtype=torch.bool)
                 mask[:req.save_skip] = False
-                self.engine.store(tokens, mask, kvcaches=self._kvcaches,
-                                  slot_mapping=self._slot_mapping(req.block_ids, n),
-                                  cache_salt=req.cache_salt)
+                recorder = self._recorder
+                if recorder is not None:
+                    recorder.start()
+                try:
+                    self.engine.store(tokens, mask, kvcaches=self._kvcaches,
+                                      slot_mapping=self._slot_mapping(req.block_ids, n),
+                                      cache_salt=req.cache_salt)
+                finally:
+                    stored = recorder.stop() if recorder is not None else {}
+                if stored:
+                    self._kv_events.extend(self._stored_events(req, tokens, stored))
                 logger.debug("lmcache: request %s stored tokens [%d, %d) in %.1f ms",
                              req.req_id, req.save_skip, n,
                              (time.perf_counter() - started) * 1e3)
@@ -559,8 +640,32 @@ class LMCacheConnectorV1Impl:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
-    def get_kv_events(self) -> list[Any]:
-        return []
+    def get_kv_events(self) -> list[StoredChunk]:
+        """The chunks stored since the last call, for vLLM's KV events (``BlockStored``,
+        when ``kv_events_config.enable_kv_cache_events`` is on)."""
+        events, self._kv_events = self._kv_events, []
+        return events
+
+    def _stored_events(self, req: RequestMeta, tokens: torch.Tensor,
+                       stored: dict[Any, str]) -> list[StoredChunk]:
+        """One event per whole chunk of ``req`` that its store wrote, in prefix order,
+        each naming the chunk before it as its parent."""
+        assert self.engine is not None
+        db = self.engine.token_database
+        chunks = db.process_tokens(tokens, None, cache_salt=req.cache_salt) \
+            if req.cache_salt is not None else db.process_tokens(tokens, None)
+        events, parent = [], None
+        for start, end, key in chunks:
+            block_hash = external_block_hash(key.chunk_hash)
+            tier = stored.get(key)
+            if tier is not None and end - start == self.chunk_size:
+                events.append(StoredChunk(
+                    block_hashes=[block_hash], parent_block_hash=parent,
+                    token_ids=req.token_ids[start:end], block_size=self.chunk_size,
+                    lora_id=req.lora[1] if req.lora else None,
+                    lora_name=req.lora[0] if req.lora else None, medium=tier))
+            parent = block_hash
+        return events
 
     def shutdown(self) -> None:
         """Finish pending writes (the disk tier) and close the engine."""
@@ -572,6 +677,9 @@ class LMCacheConnectorV1Impl:
             self._lookup.close()
         if self._server is not None:
             self._server.close()
+        if self._recorder is not None:
+            get_plugin_manager().unregister(self._recorder)
+            self._recorder = None
         if self._engine_id is not None:
             LMCacheEngineBuilder.destroy(self._engine_id)
             self.engine = None
@@ -671,10 +779,12 @@ class LMCacheConnectorV1Impl:
         if load is None and save_end == 0:
             return
         needed = max(save_end, load.lmcache_tokens if load else 0)
+        lora = getattr(request, "lora_request", None)
         meta.requests.append(RequestMeta(
             req_id=req_id, token_ids=list(itertools.islice(tokens, needed)),
             block_ids=list(tracked.block_ids), cache_salt=tracked.salt,
-            load=load, save_skip=skip, save_end=save_end))
+            load=load, save_skip=skip, save_end=save_end,
+            lora=(str(lora.lora_name), int(lora.lora_int_id)) if lora is not None else None))
 
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
