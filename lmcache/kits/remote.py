@@ -46,9 +46,13 @@ Outages
     A failed or timed-out call marks the store *unavailable* for a back-off interval
     (``retry_interval_s``, doubling on every consecutive failure up to
     ``max_retry_interval_s``): meanwhile lookups and gets are misses at once and puts
-    are dropped, so a dead store does not cost a timeout per chunk. The first call after
-    the interval probes the store; when it succeeds the tier is back, with fresh
-    connections (the transport reconnects by itself). The keys known to be stored are
+    are dropped, so a dead store does not cost a timeout per chunk. At the end of the
+    interval a probe (one bounded ``exists`` of a name no chunk has) asks the store on a
+    thread of the tier's own, so that no caller -- a scheduler's lookup, a step's store
+    -- ever waits for a store that is down; when the probe succeeds the tier is back,
+    with fresh connections (the transport reconnects by itself), and when it fails the
+    next interval begins. With ``retry_interval_s: 0`` there is no back-off and no
+    probe: every call tries the store. The keys known to be stored are
     forgotten at every outage, since the store may have restarted empty. A failed
     lookup, read or delete goes to the ``lmcache_storage_error`` hook, and the start
     and end of an outage to ``lmcache_tier_availability_changed``.
@@ -122,6 +126,11 @@ BAD_KEYS = 65536
 BOUND_SLACK_S = 0.5
 #: The longest `RemoteBackend.close` waits for the transport's own ``close``.
 _CLOSE_TRANSPORT_S = 0.25
+
+
+#: What the probe of an outage asks the store for: a key in chunk-key form (stores that
+#: check the form accept it) whose format no engine writes.
+PROBE_NAME = CacheEngineKey("lmcache_probe", "lmcache", 1, 0, "0" * 64).to_string()
 
 
 def redact_url(url: str) -> str:
@@ -288,6 +297,8 @@ class RemoteBackend(StorageBackendInterface):
         self._down_until = 0.0
         self._backoff = self.retry_interval_s
         self._consecutive_failures = 0
+        self._probing = False
+        self._stop_probing = threading.Event()
         self._log_once = LogOnce(logger, f"{tier_name} ({transport.description}): ")
         self._closed = False
         self._writers = DaemonPool(num_workers, num_workers, f"{tier_name}-w")
@@ -329,8 +340,46 @@ class RemoteBackend(StorageBackendInterface):
 
     @property
     def available(self) -> bool:
-        """Whether the store is tried now (False during the back-off after a failure)."""
+        """Whether the store is tried now: False from a failure until a probe succeeds
+        (with ``retry_interval_s: 0``, until the next call)."""
+        if self.retry_interval_s > 0 and self._consecutive_failures:
+            return False
         return time.monotonic() >= self._down_until
+
+    def _probe_until_back(self) -> None:
+        """The probe thread of an outage: at the end of each back-off interval, one
+        bounded call to the store; ends when it answers or the tier is closed."""
+        probe_name = self.transport.object_name(PROBE_NAME)
+        while True:
+            with self._lock:
+                if self._closed or not self._consecutive_failures:
+                    self._probing = False
+                    return
+                wait = self._down_until - time.monotonic()
+            if wait > 0:
+                self._stop_probing.wait(wait)
+                continue
+            try:
+                future = self._io.submit(self.transport.exists, probe_name)
+            except RuntimeError:  # the pool is closed: so is the tier
+                with self._lock:
+                    self._probing = False
+                return
+            try:
+                future.result(timeout=self.timeout_s)
+            except FutureTimeout:
+                self._io.abandon(future)
+                logger.debug("%s: probe: no answer within %g s", self.tier_name,
+                             self.timeout_s)
+                self._failed("probe", TimeoutError(f"no answer within {self.timeout_s:g} s"))
+            except CancelledError:  # the tier was closed meanwhile
+                continue
+            except Exception as exc:
+                logger.debug("%s: probe failed: %s: %s", self.tier_name,
+                             type(exc).__name__, exc)
+                self._failed("probe", exc)
+            else:
+                self._succeeded()
 
     # -- outages -------------------------------------------------------------------------
 
@@ -355,9 +404,14 @@ class RemoteBackend(StorageBackendInterface):
             went_down = self._consecutive_failures == 0  # not one per back-off interval
             self._consecutive_failures += 1
             queued = [w.task for w in self._put_tasks.values() if w.task is not None]
+            probe = self.retry_interval_s > 0 and not self._probing and not self._closed
+            self._probing = self._probing or probe
+        if probe:
+            threading.Thread(target=self._probe_until_back, daemon=True,
+                             name=f"{self.tier_name}-probe").start()
         for task in queued:  # they would be dropped when they start; drop them now
             task.cancel()
-        if operation != "put":  # a failed write is reported through its future
+        if operation not in ("put", "probe"):  # a write reports through its future
             call_observer(logger, self.on_error, _HOOK_OPERATIONS.get(operation, operation),
                           exc)
         if went_down:
@@ -668,6 +722,7 @@ class RemoteBackend(StorageBackendInterface):
                 return
             self._closed = True
             writes = list(self._put_tasks.values())
+        self._stop_probing.set()
         deadline = time.monotonic() + self.timeout_s
         if writes:
             wait_futures([w.future for w in writes], timeout=self.timeout_s)

@@ -317,3 +317,49 @@ class TestS3Conformance(_RemoteKit):
             return RemoteBackend(transport, NaiveSerde(), allocator, timeout_s=10)
 
         return make
+
+
+def test_no_caller_waits_for_a_store_that_is_down(allocator):
+    """After the call that finds the store frozen, callers never wait for it again: the
+    probe at the end of each back-off runs on the tier's own thread; once the store
+    answers, the probe brings the tier back by itself."""
+    try:
+        server = RedisServer().start()
+    except ServiceUnavailable as exc:
+        service_missing("redis-server", exc)
+    spec = redis_tier(server, timeout_s=0.5, retry_interval_s=0.1,
+                      max_retry_interval_s=0.2)
+    spec.pop("name")
+    backend = registry.create("storage_backend", "redis", spec, None, None,
+                              TierContext(tier_name="redis", memory_allocator=allocator))
+    obj = chunk(allocator, 9)
+    try:
+        assert backend.submit_put_task(key(9), obj).result(timeout=30)
+        backend._known.clear()
+        server.pause()
+        try:
+            started = time.monotonic()
+            assert not backend.contains(key(9))  # the call that finds it frozen
+            first = time.monotonic() - started
+            slowest, until = 0.0, time.monotonic() + 2.0  # ten back-off intervals
+            while time.monotonic() < until:
+                t0 = time.monotonic()
+                assert not backend.contains(key(9))
+                assert backend.submit_put_task(key(10), obj) is None
+                slowest = max(slowest, time.monotonic() - t0)
+                time.sleep(0.02)
+            assert backend.stats.timeouts >= 3  # the probes did ask the frozen store
+        finally:
+            server.resume()
+        print(f"\nfrozen Redis: first call {first:.2f} s, slowest later call "
+              f"{slowest * 1000:.1f} ms")
+        assert first >= 0.4 and slowest < 0.05, (first, slowest)
+        deadline = time.monotonic() + 10
+        while not backend.available:  # the probe, not a caller, brings it back
+            assert time.monotonic() < deadline, "the tier did not come back"
+            time.sleep(0.02)
+        assert backend.contains(key(9))
+    finally:
+        obj.ref_count_down()
+        backend.close()
+        server.stop()
