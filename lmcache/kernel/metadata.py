@@ -41,8 +41,9 @@ class LMCacheEngineMetadata:
             raise ValueError(f"kv_dtype must be a torch.dtype, got {self.kv_dtype!r}")
         shape = tuple(self.kv_shape)
         if len(shape) != 5 or not all(isinstance(d, int) and d > 0 for d in shape) \
-                or shape[1] != 2:
+                or shape[1] not in (1, 2):
             raise ValueError(
-                "kv_shape must be (num_layers, 2, chunk_size, num_kv_heads, head_size) of "
+                "kv_shape must be (num_layers, 2, chunk_size, num_kv_heads, head_size) "
+                "(or, for MLA, (num_layers, 1, chunk_size, 1, latent_size)) of "
                 f"positive ints, got {self.kv_shape!r}")
         self.kv_shape = shape  # type: ignore[assignment]

@@ -136,3 +136,35 @@ def test_registry_builds_it_and_checks_chunk_size(plugin_registry):
     with pytest.raises(pydantic.ValidationError):
         plugin_registry.create("gpu_connector", "vllm_cpu_blocks", {"block_size": 0},
                                LMCacheEngineConfig(chunk_size=256), metadata)
+
+
+# -- vllm_mla_blocks: the latent cache of an MLA model --------------------------------------
+
+
+def test_mla_blocks_round_trip_whole_latent_pages(allocator, kernels):
+    from lmcache.experimental.gpu_connector import VLLMMLABlockConnector
+    from lmcache.plugin.registry import registry as plugin_registry
+
+    latent = 24
+    gen = torch.Generator().manual_seed(3)
+    src = [torch.randn((NUM_BLOCKS, BLOCK, latent), generator=gen) for _ in range(LAYERS)]
+    dst = [torch.zeros_like(c) for c in src]
+    config = LMCacheEngineConfig(chunk_size=32)
+    metadata = LMCacheEngineMetadata("m", 1, 0, "vllm", torch.float32,
+                                     (LAYERS, 1, 32, 1, latent))
+    conn = plugin_registry.create("gpu_connector", "vllm_mla_blocks", {"block_size": BLOCK},
+                                  config, metadata)
+    assert isinstance(conn, VLLMMLABlockConnector)
+    assert conn.get_shape(20) == torch.Size((LAYERS, 2, BLOCK, latent))
+    obj = allocator.allocate(conn.get_shape(32), torch.float32, MemoryFormat.KV_BLOB)
+    try:
+        conn.from_gpu(obj, 0, 32, kvcaches=src, slot_mapping=_slots([7, 2], 32))
+        conn.to_gpu(obj, 0, 32, kvcaches=dst, slot_mapping=_slots([4, 9], 32))
+    finally:
+        obj.ref_count_down()
+    for s, d in zip(src, dst):
+        assert torch.equal(d[4], s[7]) and torch.equal(d[9], s[2])
+        assert not d[7].any()  # nothing else written
+    with pytest.raises(ValueError, match=r"expected a tensor \[num_blocks, 16, 24\] "
+                                         r"\(vLLM's MLA layout\)"):
+        conn.check_kwargs(32, kvcaches=_caches(torch.float32, 1), slot_mapping=_slots([1], 32))

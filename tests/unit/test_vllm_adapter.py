@@ -325,6 +325,8 @@ def test_each_worker_of_a_pipeline_and_tensor_parallel_instance_has_its_own_rank
             rank, world = parallel_rank()
             assert world == 6
             seen.add(rank)
+            # MLA: the ranks of one stage hold the same latent KV and name it alike
+            assert parallel_rank(across_tensor_parallel=False) == (pp_rank, 2)
     assert seen == set(range(6))  # no two workers name their chunks alike
 
 

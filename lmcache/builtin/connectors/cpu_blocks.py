@@ -1,4 +1,5 @@
-"""``vllm_cpu_blocks``: vLLM's CPU backend layout, moved as whole blocks (opaque pages)."""
+"""``vllm_cpu_blocks`` and ``vllm_mla_blocks``: vLLM's KV cache moved as whole blocks
+(opaque pages) -- the CPU backend's layout, and the one latent tensor per layer of MLA."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from lmcache.kernel.config import LMCacheEngineConfig
     from lmcache.kernel.metadata import LMCacheEngineMetadata
 
-__all__ = ["VLLMCPUBlockConnector"]
+__all__ = ["VLLMCPUBlockConnector", "VLLMMLABlockConnector"]
 
 
 class VLLMCPUBlockConnector(GPUConnectorInterface):
@@ -89,7 +90,7 @@ class VLLMCPUBlockConnector(GPUConnectorInterface):
         num_layers, _, _, num_kv_heads, head_size = metadata.kv_shape
         return cls(num_layers, num_kv_heads, head_size, options.block_size)
 
-    def page_shape(self) -> tuple[int, int, int]:
+    def page_shape(self) -> tuple[int, ...]:
         return (self.num_kv_heads, self.block_size, 2 * self.head_size)
 
     def get_shape(self, num_tokens: int) -> torch.Size:
@@ -97,6 +98,7 @@ class VLLMCPUBlockConnector(GPUConnectorInterface):
         return torch.Size((self.num_layers, blocks, *self.page_shape()))
 
     KWARGS = frozenset({"kvcaches", "slot_mapping"})
+    LAYOUT = "vLLM's CPU layout"
 
     def check_kwargs(self, num_tokens: int, **kwargs: Any) -> None:
         check_known(kwargs, self.KWARGS, self)
@@ -112,12 +114,12 @@ class VLLMCPUBlockConnector(GPUConnectorInterface):
         first = kvcaches[0]
         expected = f"[num_blocks, {', '.join(map(str, self.page_shape()))}]"
         for i, layer in enumerate(kvcaches):
-            if not isinstance(layer, torch.Tensor) or layer.dim() != 4 \
-                    or tuple(layer.shape[1:]) != self.page_shape():
+            if not isinstance(layer, torch.Tensor) or \
+                    tuple(layer.shape[1:]) != self.page_shape():
                 shape = tuple(layer.shape) if isinstance(layer, torch.Tensor) else \
                     type(layer).__name__
                 raise ValueError(f"kvcaches[{i}] is {shape}; expected a tensor {expected} "
-                                 "(vLLM's CPU layout)")
+                                 f"({self.LAYOUT})")
             if layer.shape != first.shape or layer.dtype != first.dtype \
                     or layer.device != first.device:
                 raise ValueError(f"kvcaches[{i}] is {tuple(layer.shape)} {layer.dtype} on "
@@ -188,3 +190,44 @@ class VLLMCPUBlockConnector(GPUConnectorInterface):
         index = blocks.index_select(0, keep).to(caches[0].device)
         for cache, part in zip(rows, parts):
             cache.index_copy_(0, index, part.index_select(0, keep.to(part.device)))
+
+
+class VLLMMLABlockConnector(VLLMCPUBlockConnector):
+    """vLLM's KV cache of an MLA model (DeepSeek-V2/V3 style), moved as whole blocks.
+
+    Every layer keeps one latent tensor ``[num_blocks, block_size, latent_size]``
+    (``latent_size = kv_lora_rank + qk_rope_head_dim``), the same on every tensor-parallel
+    rank; the vLLM integration therefore has one rank store it and every rank load it.
+    Pages, keyword arguments and memory objects are those of `VLLMCPUBlockConnector`
+    with the page ``[block_size, latent_size]``: objects are KV_BLOB tensors
+    ``[num_layers, ceil((end - start) / block_size), block_size, latent_size]``.
+    The engine metadata's ``kv_shape`` is ``(num_layers, 1, chunk_size, 1,
+    latent_size)``.
+    """
+
+    class Options(PluginOptions):
+        block_size: int = Field(
+            default=16, ge=1,
+            description="Tokens per block of the serving engine's KV cache (vLLM uses 16 "
+            "for MLA on the CPU). chunk_size must be a multiple of it.",
+        )
+
+    def __init__(self, num_layers: int, latent_size: int, block_size: int = 16) -> None:
+        super().__init__(num_layers, 1, latent_size, block_size)
+        self.latent_size = latent_size
+
+    @classmethod
+    def from_options(cls, options: VLLMMLABlockConnector.Options,  # type: ignore[override]
+                     config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata,
+                     context: ConnectorContext | None = None) -> VLLMMLABlockConnector:
+        if config.chunk_size % options.block_size:
+            raise ValueError(f"chunk_size {config.chunk_size} is not a multiple of the "
+                             f"block size {options.block_size}; expected a chunk of whole "
+                             "blocks for vllm_mla_blocks")
+        num_layers, _, _, _, latent_size = metadata.kv_shape
+        return cls(num_layers, latent_size, options.block_size)
+
+    LAYOUT = "vLLM's MLA layout"
+
+    def page_shape(self) -> tuple[int, ...]:
+        return (self.block_size, self.latent_size)

@@ -55,11 +55,15 @@ class LayoutMismatch(ValueError):
 class CacheLayout:
     """What the connector believes about one layer tensor of vLLM's KV cache."""
 
-    name: str  #: "cpu" (``[blocks, heads, block_size, 2*head]``) or "flash" (``[2, blocks, ...]``)
+    #: "cpu" (``[blocks, heads, block_size, 2*head]``), "flash" (``[2, blocks, ...]``)
+    #: or "mla" (``[blocks, block_size, kv_lora_rank + rope_dim]``, one "head")
+    name: str
     block_dim: int  #: the dimension of the tensor that indexes blocks
     block_size: int
     num_kv_heads: int
     head_size: int
+    #: "mla": where the latent ends and the rope part begins (``kv_lora_rank``)
+    kv_lora_rank: int = 0
 
     def page(self, layer: torch.Tensor, block: int) -> torch.Tensor:
         return layer.select(self.block_dim, block)
@@ -90,6 +94,16 @@ def vllm_writer(layout: CacheLayout, dtype: torch.dtype, cache_dtype: str,
             ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa,
                                            kv_cache_dtype=cache_dtype)
         return write_cpu
+    if layout.name == "mla" and 0 < layout.kv_lora_rank < layout.head_size and \
+            hasattr(ops, "concat_and_cache_mla"):
+        def write_mla(layer: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor) -> None:
+            # the latent and its rope part, as MLA attention writes them (value unused)
+            latent = key[:, 0, :layout.kv_lora_rank].contiguous()
+            rope = key[:, 0, layout.kv_lora_rank:].contiguous()
+            scale = torch.ones((), dtype=torch.float32, device=layer.device)
+            ops.concat_and_cache_mla(latent, rope, layer, slots, cache_dtype, scale)
+        return write_mla
     if layout.name == "flash" and device.type == "cuda" and \
             hasattr(ops, "reshape_and_cache_flash"):
         def write_flash(layer: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,

@@ -463,6 +463,13 @@ class LMCacheConnectorV1Impl:
         if not layers:
             raise ValueError("vLLM registered no KV cache layers")
         first = layers[0]
+        mla = bool(getattr(self.vllm_config.model_config, "use_mla", False))
+        if mla and first.dim() == 4 and first.shape[1] == 1:
+            # vLLM's CPU backend keeps the latent cache as [num_blocks, 1, block_size,
+            # latent]: the same bytes as the MLA layout, seen without the unit dimension
+            # (a view: what the connector writes lands in vLLM's cache)
+            layers = [layer.squeeze(1) for layer in layers]
+            first = layers[0]
         if first.dim() == 4:
             _, heads, bs, two_hs = first.shape
             if bs != self.block_size or two_hs % 2:
@@ -477,12 +484,17 @@ class LMCacheConnectorV1Impl:
             default_connector = "vllm_paged_v2"
             options = {"use_gpu": first.device.type == "cuda"}
             layout = CacheLayout("flash", 1, int(bs), int(heads), int(head_size))
-        elif getattr(self.vllm_config.model_config, "use_mla", False):
-            raise ValueError(
-                f"KV cache layer of shape {tuple(first.shape)}: this is an MLA model (one "
-                "latent tensor [num_blocks, block_size, kv_lora_rank + rope_dim] per "
-                "layer), which lmcache's vLLM connector does not support yet; run it "
-                "without kv_transfer_config")
+        elif first.dim() == 3 and mla:
+            _, bs, latent = first.shape
+            if bs != self.block_size:
+                raise ValueError(f"KV cache layer of shape {tuple(first.shape)}; expected "
+                                 f"[num_blocks, {self.block_size}, kv_lora_rank + "
+                                 "qk_rope_head_dim] (vLLM's MLA layout)")
+            heads, head_size, default_connector = 1, int(latent), "vllm_mla_blocks"
+            options = {"block_size": self.block_size}
+            hf = getattr(self.vllm_config.model_config, "hf_text_config", None)
+            layout = CacheLayout("mla", 0, self.block_size, 1, int(latent),
+                                 int(getattr(hf, "kv_lora_rank", 0) or 0))
         else:
             raise ValueError(f"KV cache layer of shape {tuple(first.shape)}; expected vLLM's "
                              "CPU layout [num_blocks, num_kv_heads, block_size, 2*head_size] "
@@ -491,10 +503,14 @@ class LMCacheConnectorV1Impl:
         rank, world_size = parallel_rank()
         if world_size > 1:
             self.config = per_worker_budget(self.config, world_size)
+        # MLA: every tensor-parallel rank holds the same latent KV, so all of them name
+        # a chunk alike (by pipeline stage only) and a shared tier keeps one copy of it
+        key_rank, key_world = parallel_rank(across_tensor_parallel=not mla)
         metadata = LMCacheEngineMetadata(
-            model_name=str(self.vllm_config.model_config.model), world_size=world_size,
-            worker_id=rank, fmt="vllm", kv_dtype=first.dtype,
-            kv_shape=(len(layers), 2, self.chunk_size, int(heads), int(head_size)))
+            model_name=str(self.vllm_config.model_config.model), world_size=key_world,
+            worker_id=key_rank, fmt="vllm", kv_dtype=first.dtype,
+            kv_shape=(len(layers), 1 if mla else 2, self.chunk_size, int(heads),
+                      int(head_size)))
         if self.config.gpu_connector is not None:
             connector = registry.create("gpu_connector", self.config.gpu_connector.name,
                                         self.config.gpu_connector.options, self.config,
@@ -795,11 +811,13 @@ class LMCacheConnectorV1Impl:
         return False, None
 
 
-def parallel_rank() -> tuple[int, int]:
+def parallel_rank(across_tensor_parallel: bool = True) -> tuple[int, int]:
     """This worker's place among the workers of one vLLM instance: ``(rank, world_size)``
     over tensor and pipeline parallelism (``rank = pp_rank * tp_size + tp_rank``). Every
     worker holds another part of the KV (its heads, its layers), so each names its chunks
-    with its own rank; a bare worker without vLLM's parallel state is rank 0 of 1."""
+    with its own rank; a bare worker without vLLM's parallel state is rank 0 of 1.
+    ``across_tensor_parallel=False`` counts pipeline stages only (``(pp_rank,
+    pp_size)``): the ranks of one stage of an MLA model hold the same KV."""
     try:
         from vllm.distributed.parallel_state import (
             get_pp_group,
@@ -815,6 +833,8 @@ def parallel_rank() -> tuple[int, int]:
         pp_rank, pp_size = int(pp.rank_in_group), int(pp.world_size)
     except Exception:
         pp_rank, pp_size = 0, 1
+    if not across_tensor_parallel:
+        return pp_rank, pp_size
     return pp_rank * tp_size + tp_rank, tp_size * pp_size
 
 
