@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 __all__ = ["VLLMCPUBlockConnector", "VLLMMLABlockConnector"]
 
 
+def _check_whole_blocks(chunk_size: int, block_size: int, plugin: str) -> None:
+    if chunk_size % block_size:
+        raise ValueError(f"chunk_size {chunk_size} is not a multiple of the block size "
+                         f"{block_size}; expected a chunk of whole blocks for {plugin}")
+
+
 class VLLMCPUBlockConnector(GPUConnectorInterface):
     """vLLM's CPU attention layout, moved as whole blocks (opaque pages).
 
@@ -83,10 +89,7 @@ class VLLMCPUBlockConnector(GPUConnectorInterface):
     def from_options(cls, options: VLLMCPUBlockConnector.Options,
                      config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata,
                      context: ConnectorContext | None = None) -> VLLMCPUBlockConnector:
-        if config.chunk_size % options.block_size:
-            raise ValueError(f"chunk_size {config.chunk_size} is not a multiple of the "
-                             f"block size {options.block_size}; expected a chunk of whole "
-                             "blocks for vllm_cpu_blocks")
+        _check_whole_blocks(config.chunk_size, options.block_size, "vllm_cpu_blocks")
         num_layers, _, _, num_kv_heads, head_size = metadata.kv_shape
         return cls(num_layers, num_kv_heads, head_size, options.block_size)
 
@@ -220,10 +223,7 @@ class VLLMMLABlockConnector(VLLMCPUBlockConnector):
     def from_options(cls, options: VLLMMLABlockConnector.Options,  # type: ignore[override]
                      config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata,
                      context: ConnectorContext | None = None) -> VLLMMLABlockConnector:
-        if config.chunk_size % options.block_size:
-            raise ValueError(f"chunk_size {config.chunk_size} is not a multiple of the "
-                             f"block size {options.block_size}; expected a chunk of whole "
-                             "blocks for vllm_mla_blocks")
+        _check_whole_blocks(config.chunk_size, options.block_size, "vllm_mla_blocks")
         num_layers, _, _, _, latent_size = metadata.kv_shape
         return cls(num_layers, latent_size, options.block_size)
 
