@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -65,3 +66,13 @@ def nested_cache(g: Geometry, num_tokens: int, seed: int = 0, zero: bool = False
     return [tuple(torch.zeros(shape, dtype=g.dtype) if zero else
                   random_values(shape, g.dtype, gen) for _ in range(2))
             for _ in range(g.num_layers)]
+
+
+def wait_until(condition, within: float, interval: float = 0.05) -> bool:
+    """Poll ``condition`` until it holds (True) or ``within`` seconds pass (False)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from tests.e2e.conftest import random_tokens
+from tests.kvutil import wait_until
 
 PROMPT = random_tokens(600, 600)
 CHUNK = 256
@@ -61,15 +62,6 @@ class Subscriber:
         self._ctx.term()
 
 
-def _wait_for(condition, within: float = 30.0) -> bool:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def test_stored_chunks_are_published_as_vllm_kv_events(tiny_llama, vllm_factory, tmp_path):
     endpoint = f"ipc://{tmp_path / 'kv-events.sock'}"  # vLLM binds ipc endpoints
     events_config = {"enable_kv_cache_events": True, "publisher": "zmq",
@@ -81,7 +73,7 @@ def test_stored_chunks_are_published_as_vllm_kv_events(tiny_llama, vllm_factory,
     try:
         time.sleep(1.0)  # a SUB socket misses what is published before it joins
         proc.generate([PROMPT])
-        assert _wait_for(lambda: len(sub.ours()) >= 2), (sub.events, proc.log_tail())
+        assert wait_until(lambda: len(sub.ours()) >= 2, within=30), (sub.events, proc.log_tail())
         ours = sub.ours()
         assert len(ours) == 2, ours  # the 88 tokens of the partial last chunk: no event
         assert [e.token_ids for e in ours] == [PROMPT[:CHUNK], PROMPT[CHUNK:2 * CHUNK]]

@@ -33,7 +33,7 @@ from tests.integration.test_engine import (
     tokens,
 )
 from tests.integration.test_remote_tiers import loaded_exactly
-from tests.kvutil import Geometry
+from tests.kvutil import Geometry, wait_until
 
 #: The remote tier's own bound on one call: long enough that waiting for it is clearly
 #: not the deadline, short enough that the test measures it.
@@ -91,15 +91,6 @@ def stopped_at_deadline(caplog) -> list[str]:
             and r.levelno >= logging.WARNING and "stopped at its deadline" in r.getMessage()]
 
 
-def wait_for(condition, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_retrieve_ends_by_its_deadline_when_the_remote_tier_is_frozen(
         build, remote, caplog):  # noqa: F811
     server, tier = remote
@@ -129,7 +120,7 @@ def test_retrieve_ends_by_its_deadline_when_the_remote_tier_is_frozen(
         server.resume()
     assert is_prefix(mask) and loaded_exactly(src, dst, mask, src["slot_mapping"])
     assert not mask.all()
-    assert wait_for(lambda: allocator.num_active_allocations == len(hot),
+    assert wait_until(lambda: allocator.num_active_allocations == len(hot),
                     within=2 * TIER_TIMEOUT_S), "chunks that arrived late were not released"
     stopped = stopped_at_deadline(caplog)
     assert len(stopped) == 1, stopped
@@ -145,7 +136,7 @@ def test_retrieve_ends_by_its_deadline_when_the_remote_tier_is_frozen(
         server.resume()
     assert is_prefix(mask) and loaded_exactly(src, dst, mask, src["slot_mapping"])
     manager.wait_for_prefetches(timeout=2 * TIER_TIMEOUT_S)
-    assert wait_for(lambda: allocator.num_active_allocations == len(hot), within=5)
+    assert wait_until(lambda: allocator.num_active_allocations == len(hot), within=5)
     hot.evict_for(1 << 40)
 
     # frozen: without a deadline the call waits for the tier's own bound
@@ -184,9 +175,9 @@ def test_retrieve_ends_by_its_deadline_when_the_remote_tier_is_frozen(
         assert is_prefix(mask) and loaded_exactly(src, dst, mask, src["slot_mapping"])
         return bool(mask.all())
 
-    assert wait_for(loads_all, within=30), "the store did not come back"
+    assert wait_until(loads_all, within=30), "the store did not come back"
     assert len(hot) == CHUNKS  # promoted
-    assert wait_for(lambda: allocator.num_active_allocations == len(hot), within=5)
+    assert wait_until(lambda: allocator.num_active_allocations == len(hot), within=5)
 
 
 def test_the_vllm_step_is_held_no_longer_than_load_timeout_s(monkeypatch):
