@@ -265,3 +265,9 @@ class MemoryAllocatorInterface(abc.ABC):
     def capacity(self) -> int:
         """Bytes this allocator can hand out in all."""
         raise NotImplementedError(f"{type(self).__name__} does not report its capacity")
+
+    def close(self) -> None:
+        """Stop the allocator's background work (such as backing its region with memory
+        on a thread); called once when its engine closes. Objects handed out stay usable
+        and memory returns when the allocator is garbage. The default does nothing."""
+        return None

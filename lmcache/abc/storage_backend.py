@@ -183,6 +183,13 @@ class StorageBackendInterface(ABC):
     ``Options`` model and a ``from_options`` classmethod.
     """
 
+    #: Whether `contains` answers from this process's memory (or a local file), never
+    #: from a remote store. The engine asks such tiers before it stores a chunk, to skip
+    #: chunks they hold; it never asks the others on the save path (a round trip per
+    #: chunk), so a chunk only they hold is stored again and their put skips what they
+    #: know they hold. Class attribute; False unless a tier says otherwise.
+    answers_from_memory: bool = False
+
     @abstractmethod
     def contains(self, key: CacheEngineKey) -> bool:
         """Whether the chunk is stored and completely written.

@@ -283,7 +283,12 @@ class LMCacheEngine:
             return
         hooks().lmcache_engine_closing(engine_id=self.engine_id, engine=self)
         self._closed = True
-        self.storage_manager.close()
+        try:
+            self.storage_manager.close()
+        finally:
+            close = getattr(self.memory_allocator, "close", None)
+            if close is not None:
+                close()
 
 
 def _check_timeout(timeout_s: Any) -> float | None:

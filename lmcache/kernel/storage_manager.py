@@ -182,7 +182,7 @@ class StorageManager:
                 if other == name:
                     break
                 try:
-                    obj = tier.get_blocking(key) if tier.contains(key) else None
+                    obj = tier.get_blocking(key)  # answers a miss itself
                 except Exception as exc:
                     self._report(other, "get", exc)
                     continue
@@ -301,9 +301,16 @@ class StorageManager:
         return False
 
     def is_stored_or_storing(self, key: CacheEngineKey) -> bool:
+        """Whether a store of ``key`` can be skipped: a tier that answers from memory
+        (`StorageBackendInterface.answers_from_memory`: the hot tier, the disk tier's
+        index) holds it, or a tier is writing it. Other tiers are not asked: on a
+        remote store that is a round trip per chunk on the serving engine's save path.
+        A chunk only they hold is stored again; each tier skips a put of a chunk it
+        knows it holds."""
         for name, tier in self.tiers.items():
             try:
-                if tier.contains(key) or tier.exists_in_put_tasks(key):
+                if tier.exists_in_put_tasks(key) or (
+                        tier.answers_from_memory and tier.contains(key)):
                     return True
             except Exception as exc:
                 self._fault(name, "contains", exc)
@@ -380,10 +387,10 @@ class StorageManager:
 
     def _get_now(self, name: str, tier: StorageBackendInterface, key: CacheEngineKey
                  ) -> tuple[MemoryObj, str] | None:
-        """``key`` from ``tier`` by its blocking get (admitted, promoted), or None."""
+        """``key`` from ``tier`` by its blocking get (admitted, promoted), or None. The
+        get answers a miss itself: no `contains` first (a second round trip to a remote
+        store)."""
         try:
-            if not tier.contains(key):
-                return None
             obj = tier.get_blocking(key)
         except Exception as exc:
             self._fault(name, "get", exc)
@@ -444,47 +451,58 @@ class StorageManager:
         return obj, source
 
     def _search_below(self, key: CacheEngineKey, tiers: list[tuple[str, Any]]) -> _Search:
-        """Load ``key`` from the first of ``tiers`` below the hot tier that holds it, on
-        a daemon thread of its own: a caller with a deadline waits on the returned
-        future for no longer than it has, while the search asks each tier's `contains`
-        (a round trip for a remote store that does not know the key) and waits for its
-        prefetch, which the tier bounds itself. A miss, an object that is not this
-        engine's chunk or a load that does not end within `PREFETCH_WAIT_S` goes on to
-        the next tier, as in `get`; a tier's exception ends the search with it when
+        """Load ``key`` from the first of ``tiers`` below the hot tier that holds it,
+        without a thread of its own: each tier's prefetch is asked (it returns at once;
+        the load runs on the tier's threads, which bound it), and when it brings a miss
+        (``None``) or an object that is not this engine's chunk, the next tier is asked
+        from the callback. A caller with a deadline waits on the returned future for no
+        longer than it has. A tier's exception ends the search with it when
         ``error_handling`` is off (the caller raises it), else it is reported and the
         next tier is asked."""
         search = _Search()
         search.set_running_or_notify_cancel()
         below = [(name, tier) for name, tier in tiers if name != self.hot_tier_name]
 
-        def run() -> None:
-            for name, tier in below:
+        def failed(name: str, exc: BaseException) -> bool:
+            """Whether the search goes on after ``exc`` from tier ``name``."""
+            if not self.error_handling:
+                search.tier = name
+                search.set_exception(exc)
+                return False
+            self._report(name, "get", exc)
+            return True
+
+        def ask(i: int) -> None:
+            while i < len(below):
+                name, tier = below[i]
                 try:
-                    if not tier.contains(key):
-                        continue
-                    future = tier.submit_prefetch_task(key)
-                    if future is None:
-                        continue
-                    try:
-                        obj = future.result(timeout=PREFETCH_WAIT_S)
-                    except FutureTimeout as exc:
-                        future.add_done_callback(release_late_result)
-                        self._report(name, "get", exc)
-                        continue
+                    future = tier.submit_prefetch_task(key)  # None: not stored
                 except Exception as exc:
-                    if not self.error_handling:
-                        search.tier = name
-                        search.set_exception(exc)
+                    if not failed(name, exc):
                         return
-                    self._report(name, "get", exc)
+                    i += 1
                     continue
-                if obj is not None and self._admit(name, key, obj):
-                    search.tier = name
-                    search.set_result(obj)
+                if future is not None:
+                    future.add_done_callback(lambda done, i=i: landed(done, i))
                     return
+                i += 1
             search.set_result(None)
 
-        threading.Thread(target=run, name=f"{self.engine_id}-load", daemon=True).start()
+        def landed(done: Future, i: int) -> None:
+            name = below[i][0]
+            try:
+                obj = done.result()
+            except Exception as exc:
+                if failed(name, exc):
+                    ask(i + 1)
+                return
+            if obj is not None and self._admit(name, key, obj):
+                search.tier = name
+                search.set_result(obj)
+                return
+            ask(i + 1)
+
+        ask(0)
         return search
 
     def _admit(self, tier: str, key: CacheEngineKey, obj: MemoryObj) -> bool:
@@ -516,9 +534,12 @@ class StorageManager:
         below the hot tier that has not arrived by then is None, and so is every later
         one that the hot tier does not hold (nothing more is asked of the tiers below
         it); a chunk that arrived in time is yielded even when the caller comes to it
-        after the deadline, and so is every chunk of the hot tier. The search below the
-        hot tier runs off the caller's thread then (`_search_below`), so that no
-        tier's call holds the caller past the deadline. What arrives late is released.
+        after the deadline, and so is every chunk of the hot tier. What arrives late is
+        released.
+
+        Below the hot tier every chunk is asked of each tier once, through its prefetch
+        (`_search_below`), never ``contains`` first: the prefetch answers a miss itself,
+        and no tier's call holds the caller's thread.
         """
         tiers = self._tiers_in(search_range)
         pending: deque[tuple[CacheEngineKey, Future | None, str]] = deque()
@@ -533,19 +554,10 @@ class StorageManager:
             hot = self.hot_tier
             if (hot is not None and hot.contains(key)) or key in self._prefetching:
                 pass
-            elif deadline is not None:
-                if has_below and deadline > time.monotonic():
-                    future = self._search_below(key, tiers)
-            else:
-                for name, tier in tiers:
-                    if name == self.hot_tier_name:
-                        continue
-                    try:
-                        if tier.contains(key):
-                            future, source = tier.submit_prefetch_task(key), name
-                            break
-                    except Exception as exc:
-                        self._fault(name, "get", exc)
+            elif has_below and (deadline is None or deadline > time.monotonic()):
+                # every tier below, in order, each asked once (its prefetch answers a
+                # miss itself); the caller's thread never waits for a tier here
+                future = self._search_below(key, tiers)
             pending.append((key, future, source))
 
         try:
@@ -561,8 +573,7 @@ class StorageManager:
                 if found is None:
                     # the tiers below were asked (or time is up): only the hot tier,
                     # which a prefetch may have filled meanwhile, is asked again
-                    found = (self._get_hot(key, tiers) if deadline is not None else
-                             self.get(key, search_range))
+                    found = self._get_hot(key, tiers)
                 yield found
         finally:
             for _, future, _ in pending:  # read ahead, never taken: released when done
@@ -576,7 +587,8 @@ class StorageManager:
             self._fault(self.hot_tier_name or "", "put", exc)
 
     def prefetch(self, key: CacheEngineKey) -> bool:
-        """Start moving ``key`` into the hot tier; returns whether it is stored anywhere."""
+        """Start moving ``key`` into the hot tier; returns whether the hot tier holds it
+        or a load started (a tier that must ask a remote store may find a miss then)."""
         hot = self.hot_tier
         if hot is not None and hot.contains(key):
             return True
@@ -586,9 +598,7 @@ class StorageManager:
             if name == self.hot_tier_name:
                 continue
             try:
-                if not tier.contains(key):
-                    continue
-                future = tier.submit_prefetch_task(key)
+                future = tier.submit_prefetch_task(key)  # None: not stored
             except Exception as exc:
                 self._fault(name, "get", exc)
                 continue

@@ -289,7 +289,7 @@ def test_plugin_option_errors_without_a_file():
         LMCacheEngineConfig(allocator={"name": "host", "prefault": "sometimes"},
                             token_database={"name": "chunked", "hash": "md5"})
     found = issues_of(info.value)
-    assert "valid boolean" in found["allocator.prefault"]
+    assert "'background'" in found["allocator.prefault"]
     assert "'sha256'" in found["token_database.hash"] and "'md5'" in found["token_database.hash"]
 
 

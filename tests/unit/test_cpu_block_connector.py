@@ -168,3 +168,27 @@ def test_mla_blocks_round_trip_whole_latent_pages(allocator, kernels):
     with pytest.raises(ValueError, match=r"expected a tensor \[num_blocks, 16, 24\] "
                                          r"\(vLLM's MLA layout\)"):
         conn.check_kwargs(32, kvcaches=_caches(torch.float32, 1), slot_mapping=_slots([1], 32))
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_a_slot_mapping_written_since_is_checked_and_read_again(allocator, inference):
+    # The arguments of a call's chunks are checked once; a slot mapping written in
+    # place afterwards is read and checked again (an inference tensor, which has no
+    # version counter, every time), so a chunk never goes to stale blocks.
+    conn = VLLMCPUBlockConnector(LAYERS, HEADS, HEAD, BLOCK)
+    src, dst = _caches(torch.float32, 5), _caches(torch.float32, 6)
+    with torch.inference_mode(inference):
+        slots = _slots([3, 8], 2 * BLOCK)
+    obj = allocator.allocate(conn.get_shape(2 * BLOCK), torch.float32, MemoryFormat.UNDEFINED)
+    conn.from_gpu(obj, 0, 2 * BLOCK, kvcaches=src, slot_mapping=slots)
+    with torch.inference_mode(inference):
+        slots[BLOCK:] += (12 - 8) * BLOCK  # the second block is now block 12
+    conn.to_gpu(obj, 0, 2 * BLOCK, kvcaches=dst, slot_mapping=slots)
+    for layer in range(LAYERS):
+        assert torch.equal(dst[layer][12], src[layer][8])
+        assert not torch.equal(dst[layer][8], src[layer][8])
+    with torch.inference_mode(inference):
+        slots[0] = NUM_BLOCKS * BLOCK  # beyond the cache
+    with pytest.raises(ValueError, match="addresses block"):
+        conn.to_gpu(obj, 0, 2 * BLOCK, kvcaches=dst, slot_mapping=slots)
+    obj.ref_count_down()

@@ -422,8 +422,10 @@ def test_torch_calls_do_not_grow_with_tokens(kind, allocator):
         caches = _nested_cache("heads", "pairs", torch.float16, gen)
         extra = {}
     counts = []
-    # both sizes whole pages, so that both take the same path (whole-page or per-token)
+    # both sizes whole pages, so that both take the same path (whole-page or per-token);
+    # a new connector each time, so that both check their arguments (see below)
     for n in (BLOCK_SIZE * 2, BLOCK_SIZE * 16):
+        connector = type(connector)(HIDDEN, LAYERS)
         obj = _alloc(allocator, connector, n, torch.float16)
         _ = obj.tensor  # build the memory object's cached view outside the count
         with _CountOps() as ops:
@@ -432,6 +434,37 @@ def test_torch_calls_do_not_grow_with_tokens(kind, allocator):
         counts.append(ops.calls)
         obj.ref_count_down()
     assert counts[0] == counts[1], "torch calls grow with the number of tokens"
+
+
+def test_paged_arguments_are_checked_once_per_call_and_again_when_they_change(allocator):
+    # The chunks of one store or retrieve share their arguments: the second chunk does
+    # not check them again, but a slot mapping written in place (or another layer list)
+    # is checked again, and a slot mapping without a version counter always is.
+    gen = torch.Generator().manual_seed(81)
+    connector = VLLMPagedMemGPUConnectorV2(HIDDEN, LAYERS)
+    caches = _paged_cache("stacked", torch.float16, gen)
+    slots = _slot_mapping(gen)
+    counts = []
+    for _ in range(2):
+        obj = _alloc(allocator, connector, BLOCK_SIZE, torch.float16)
+        _ = obj.tensor
+        with _CountOps() as ops:
+            connector.from_gpu(obj, 0, BLOCK_SIZE, kvcaches=caches, slot_mapping=slots)
+        counts.append(ops.calls)
+        obj.ref_count_down()
+    assert counts[1] < counts[0]
+    obj = _alloc(allocator, connector, BLOCK_SIZE, torch.float16)
+    slots[3] = NUM_SLOTS + 5  # written in place: its version counter moved
+    with pytest.raises(ValueError, match="holds slot"):
+        connector.from_gpu(obj, 0, BLOCK_SIZE, kvcaches=caches, slot_mapping=slots)
+    with torch.inference_mode():
+        frozen = _slot_mapping(torch.Generator().manual_seed(82))
+    connector.from_gpu(obj, 0, BLOCK_SIZE, kvcaches=caches, slot_mapping=frozen)
+    with torch.inference_mode():
+        frozen[3] = NUM_SLOTS + 5
+    with pytest.raises(ValueError, match="holds slot"):
+        connector.from_gpu(obj, 0, BLOCK_SIZE, kvcaches=caches, slot_mapping=frozen)
+    obj.ref_count_down()
 
 
 # --- validation ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from lmcache.abc.memory import MemoryAllocatorInterface, MemoryFormat, MemoryObj
 from lmcache.builtin.allocators.region import (
     PinMemoryAllocator,
+    Prefault,
     PrefaultOptions,
     config_size_bytes,
 )
@@ -136,9 +137,18 @@ class MixedMemoryAllocator(MemoryAllocatorInterface):
 
     Options = PrefaultOptions
 
-    def __init__(self, size: int, *, prefault: bool = False) -> None:
+    def __init__(self, size: int, *, prefault: bool | str = False) -> None:
         self.pin_allocator = PinMemoryAllocator(size, prefault=prefault)
         self.buffer_allocator = BufferAllocator("cpu", capacity=self.pin_allocator.capacity)
+
+    @property
+    def prefault(self) -> Prefault | None:
+        """The background prefault of the tensor region, if one was started."""
+        return self.pin_allocator.prefault
+
+    def close(self) -> None:
+        """Stop background work on the region (`PinMemoryAllocator.close`)."""
+        self.pin_allocator.close()
 
     def allocate(
         self,

@@ -9,12 +9,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import mmap
 import operator
 import os
+import sys
 import threading
 import warnings
-from typing import Any
+import weakref
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -28,8 +32,11 @@ __all__ = [
     "HostMemoryAllocator",
     "PinMemoryAllocator",
     "PinnedMemoryUnavailableWarning",
+    "Prefault",
     "PrefaultOptions",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class PinnedMemoryUnavailableWarning(RuntimeWarning):
@@ -39,12 +46,16 @@ class PinnedMemoryUnavailableWarning(RuntimeWarning):
 class PrefaultOptions(PluginOptions):
     """Options of the allocators that own a host region (``host``, ``pinned``, ``mixed``)."""
 
-    prefault: bool = Field(
-        default=False,
-        description="Touch every page of the region at start-up so that the first "
-        "stores do not pay page faults (start-up takes longer).",
+    prefault: Literal[True, False, "background"] = Field(
+        default="background",
+        description='When the pages of the region get backed by memory. "background" '
+        "(the default): a thread of idle priority keeps the region backed 512 MiB ahead "
+        "of the chunks stored so far, without writing to it, so start-up does not wait, "
+        "memory is committed as the cache fills and stores do not pay page faults "
+        "(Linux 5.14+; elsewhere pages are backed on first use). true: every page is "
+        "touched before the allocator is returned (start-up waits, all memory is "
+        "committed). false: pages are backed on first use.",
     )
-
 
 def _reserve_region(size: int, *, pin_memory: bool = False, device: str = "cpu") -> torch.Tensor:
     # One extra alignment unit so that an aligned slice of round_down(size) bytes fits
@@ -88,11 +99,137 @@ def _prefault(region: torch.Tensor) -> None:
         region[:: mmap.PAGESIZE].fill_(0)
 
 
+#: ``madvise`` advice that backs pages as a write would, without writing (Linux 5.14).
+_MADV_POPULATE_WRITE = 23
+#: Bytes populated per system call: the thread stops within one slice when told to.
+_PREFAULT_SLICE = 32 << 20
+#: How far beyond the highest byte handed out so far the region is kept backed.
+PREFAULT_AHEAD = 512 << 20
+
+
+def _libc_madvise() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+def _idle_priority() -> None:
+    # The calling thread runs only when a core has nothing else to do (Linux): backing
+    # pages never takes a core from the serving engine.
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+
+
+class Prefault:
+    """Keeps a host region backed by memory ahead of the allocations, on a daemon thread
+    of idle priority, so that stores do not pay page faults.
+
+    The allocator reports the end of every object it hands out (`advance`); the thread
+    backs the region up to `PREFAULT_AHEAD` bytes beyond the highest one, low addresses
+    first, where the allocator hands out first. Memory is thus committed as the cache
+    fills, not all at start-up, and the thread only runs on a core that is idle. It
+    never writes to the region: the kernel is asked to populate the pages
+    (``MADV_POPULATE_WRITE``), so stores that come meanwhile are safe and fault the
+    pages not reached yet themselves. Where the kernel cannot do that (before Linux
+    5.14, not Linux) nothing happens and `supported` is False. `stop` ends the thread
+    within one slice (32 MiB); so does the allocator that started it becoming garbage.
+    """
+
+    def __init__(self, region: torch.Tensor, owner: object,
+                 ahead: int = PREFAULT_AHEAD) -> None:
+        self.done = threading.Event()
+        self.supported: bool | None = None  # None until the first slice answered
+        self.populated = 0
+        self.ahead = ahead
+        self._size = region.numel()
+        self._wanted = min(ahead, self._size)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        weakref.finalize(owner, self.stop, False)
+        self._thread = threading.Thread(target=self._run, args=(region,),
+                                        name="lmcache-prefault", daemon=True)
+        self._thread.start()
+
+    def advance(self, end: int) -> None:
+        """An object ending at byte ``end`` of the region was handed out."""
+        wanted = end + self.ahead
+        if wanted > self._wanted and not self.done.is_set():
+            self._wanted = min(wanted, self._size)
+            self._wake.set()
+
+    def _run(self, region: torch.Tensor) -> None:
+        try:
+            _idle_priority()
+            madvise = _libc_madvise()
+            page = mmap.PAGESIZE
+            base = region.data_ptr()
+            first = (base + page - 1) // page * page
+            last = (base + region.numel()) // page * page
+            if madvise is None or last <= first:
+                self.supported = madvise is not None
+                return
+            addr = first
+            while addr < last and not self._stop.is_set():
+                limit = min(last, (base + self._wanted) // page * page)
+                if addr >= limit:
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                n = min(_PREFAULT_SLICE, limit - addr)
+                if madvise(addr, n, _MADV_POPULATE_WRITE) != 0:
+                    self.supported = self.populated > 0
+                    logger.debug("prefault stopped after %d bytes: madvise: %s",
+                                 self.populated, os.strerror(ctypes.get_errno()))
+                    return
+                self.supported = True
+                addr += n
+                self.populated += n
+        finally:
+            del region  # the memory may go as soon as the allocator does
+            self.done.set()
+
+    def stop(self, wait: bool = True) -> None:
+        """End the thread (within one slice); the memory stays usable."""
+        self._stop.set()
+        self._wake.set()
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+def _start_prefault(region: torch.Tensor, mode: bool | str, owner: object
+                    ) -> Prefault | None:
+    if mode is True:
+        _prefault(region)
+        return None
+    if mode == "background":
+        return Prefault(region, owner)
+    return None
+
+
 class _RegionAllocator(MemoryAllocatorInterface):
     # Glue shared by the allocators that own one region and delegate to a
     # TensorMemoryAllocator over it.
 
     allocator: TensorMemoryAllocator
+    #: The background prefault of the region, if one was started.
+    prefault: Prefault | None = None
+
+    def close(self) -> None:
+        """Stop background work on the region (its prefault); the memory stays usable
+        until the allocator is garbage."""
+        if self.prefault is not None:
+            self.prefault.stop()
 
     def allocate(
         self,
@@ -100,7 +237,10 @@ class _RegionAllocator(MemoryAllocatorInterface):
         dtype: torch.dtype | None,
         fmt: MemoryFormat = MemoryFormat.KV_BLOB,
     ) -> MemoryObj | None:
-        return self.allocator.allocate(shape, dtype, fmt)
+        obj = self.allocator.allocate(shape, dtype, fmt)
+        if obj is not None and self.prefault is not None:
+            self.prefault.advance(obj.metadata.address + obj.metadata.phy_size)
+        return obj
 
     def free(self, memory_obj: MemoryObj) -> None:
         self.allocator.free(memory_obj)
@@ -140,16 +280,16 @@ def config_size_bytes(size_gb: float) -> int:
 class HostMemoryAllocator(_RegionAllocator):
     """Allocates from one region of ordinary (pageable) host memory of ``size`` bytes.
 
-    ``prefault=True`` touches every page at construction, so that the first stores do not
-    pay page faults.
+    ``prefault`` says when the region's pages get backed by memory (`PrefaultOptions`):
+    ``"background"`` on a thread right away (`Prefault`), ``True`` before the
+    constructor returns, ``False`` on first use.
     """
 
     Options = PrefaultOptions
 
-    def __init__(self, size: int, *, prefault: bool = False) -> None:
+    def __init__(self, size: int, *, prefault: bool | str = False) -> None:
         region = _reserve_region(size)
-        if prefault:
-            _prefault(region)
+        self.prefault = _start_prefault(region, prefault, self)
         self.allocator = TensorMemoryAllocator(region)
 
     @classmethod
@@ -186,14 +326,14 @@ class PinMemoryAllocator(_RegionAllocator):
 
     Options = PrefaultOptions
 
-    def __init__(self, size: int, *, prefault: bool = False) -> None:
+    def __init__(self, size: int, *, prefault: bool | str = False) -> None:
         pinned = torch.cuda.is_available()
         if not pinned:
             _warn_pin_fallback_once()
         region = _reserve_region(size, pin_memory=pinned)
         self.is_page_locked = pinned
-        if prefault:
-            _prefault(region)
+        if not pinned:  # page-locked memory is resident already
+            self.prefault = _start_prefault(region, prefault, self)
         self.allocator = TensorMemoryAllocator(region)
 
     @classmethod

@@ -17,6 +17,15 @@ if TYPE_CHECKING:
 KVPair = tuple[torch.Tensor, torch.Tensor]
 
 
+def version_of(tensor: torch.Tensor) -> int | None:
+    """The version counter of ``tensor`` (bumped by every in-place write), or None for
+    a tensor that has none (made under ``torch.inference_mode``)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 def check_known(kwargs: dict[str, Any], accepted: frozenset[str], owner: object) -> None:
     """Unknown keyword arguments are an error, not silently ignored."""
     unknown = sorted(set(kwargs) - accepted)

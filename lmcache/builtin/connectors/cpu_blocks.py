@@ -17,6 +17,7 @@ from lmcache.builtin.connectors._checks import (
     kv_layers,
     memory_tensor,
     require,
+    version_of,
 )
 from lmcache.builtin.connectors._cpu_moves import STREAM_MIN_BYTES
 from lmcache.ops import cpu_ops
@@ -34,6 +35,33 @@ def _check_whole_blocks(chunk_size: int, block_size: int, plugin: str) -> None:
     if chunk_size % block_size:
         raise ValueError(f"chunk_size {chunk_size} is not a multiple of the block size "
                          f"{block_size}; expected a chunk of whole blocks for {plugin}")
+
+
+class _Checked:
+    """The arguments of one call, checked: the layers (held, so that no other tensor can
+    take their identity while they are remembered), each as ``[num_blocks, page]`` rows,
+    the slot mapping with its version counter, and the block of every block's first
+    slot (-1 for a block the serving engine holds). Reused while the layers are the
+    same objects and the slot mapping is the same object, unwritten since."""
+
+    __slots__ = ("layers", "rows", "slot_mapping", "version", "blocks", "all_valid")
+
+    def __init__(self, layers: Any, slot_mapping: torch.Tensor, blocks: torch.Tensor,
+                 all_valid: bool) -> None:
+        self.layers = list(layers)
+        self.rows = [c.view(c.shape[0], -1) for c in self.layers]
+        self.slot_mapping = slot_mapping
+        self.version = version_of(slot_mapping)
+        self.blocks = blocks.contiguous()
+        self.all_valid = all_valid
+
+    def matches(self, layers: Any, slot_mapping: Any) -> bool:
+        # a slot mapping without a version counter (an inference tensor) may have been
+        # written since: it is checked again every time
+        return (slot_mapping is self.slot_mapping and self.version is not None
+                and version_of(slot_mapping) == self.version
+                and len(layers) == len(self.layers)
+                and all(a is b for a, b in zip(layers, self.layers)))
 
 
 class VLLMCPUBlockConnector(GPUConnectorInterface):
@@ -84,6 +112,7 @@ class VLLMCPUBlockConnector(GPUConnectorInterface):
         self.num_kv_heads = num_kv_heads
         self.head_size = head_size
         self.block_size = block_size
+        self._checked: _Checked | None = None
 
     @classmethod
     def from_options(cls, options: VLLMCPUBlockConnector.Options,
@@ -105,15 +134,22 @@ class VLLMCPUBlockConnector(GPUConnectorInterface):
 
     def check_kwargs(self, num_tokens: int, **kwargs: Any) -> None:
         check_known(kwargs, self.KWARGS, self)
-        self._caches(kwargs, 0, num_tokens)
+        caches = self._caches(kwargs)
+        check_range(0, num_tokens, int(caches.slot_mapping.shape[0]), "slot_mapping length")
 
-    def _caches(self, kwargs: dict[str, Any], start: int, end: int
-                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _caches(self, kwargs: dict[str, Any]) -> _Checked:
+        """The checked ``kvcaches`` and ``slot_mapping`` of a call, and the block of every
+        block's first slot. A store or retrieve moves many chunks with the same
+        arguments: they are checked once, and again only when a layer or the slot
+        mapping is another object or the slot mapping was written to."""
         kvcaches = kv_layers(require(kwargs, "kvcaches", f"{self.num_layers} tensors "
                                     "[num_blocks, num_kv_heads, block_size, 2*head_size]"),
                            self.num_layers)
         slot_mapping = require(kwargs, "slot_mapping", "a 1-D integer tensor of slots, one "
                                 "per token of the sequence")
+        last = self._checked
+        if last is not None and last.matches(kvcaches, slot_mapping):
+            return last
         first = kvcaches[0]
         expected = f"[num_blocks, {', '.join(map(str, self.page_shape()))}]"
         for i, layer in enumerate(kvcaches):
@@ -135,20 +171,7 @@ class VLLMCPUBlockConnector(GPUConnectorInterface):
                 or slot_mapping.dtype.is_floating_point or slot_mapping.dtype == torch.bool:
             raise ValueError("slot_mapping must be a 1-D integer tensor, got "
                              f"{getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)}")
-        check_range(start, end, int(slot_mapping.shape[0]), "slot_mapping length")
-        return list(kvcaches), slot_mapping
-
-    def _prepare(self, memory_obj: MemoryObj, start: int, end: int, kwargs: dict[str, Any],
-                 *, filling: bool) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        kvcaches, slot_mapping = self._caches(kwargs, start, end)
-        first = kvcaches[0]
-        if start % self.block_size:
-            raise ValueError(f"start={start} is not on a block boundary; expected a multiple "
-                             f"of block_size={self.block_size}")
-        tensor = memory_tensor(memory_obj)
-        check_memory_tensor(memory_obj, tensor, self.get_shape(end - start), first.dtype,
-                             filling=filling)
-        slots = slot_mapping[start:end:self.block_size].to("cpu", torch.int64)
+        slots = slot_mapping[::self.block_size].to("cpu", torch.int64)
         num_blocks = int(first.shape[0])
         valid = slots >= 0
         if bool((slots[valid] % self.block_size).any()):
@@ -158,22 +181,37 @@ class VLLMCPUBlockConnector(GPUConnectorInterface):
         if bool((blocks >= num_blocks).any()):
             raise ValueError(f"slot_mapping addresses block {int(blocks.max())}; the cache "
                              f"has {num_blocks} blocks")
-        if filling and not bool(valid.all()):
+        checked = _Checked(kvcaches, slot_mapping, blocks, bool(valid.all()))
+        self._checked = checked
+        return checked
+
+    def _prepare(self, memory_obj: MemoryObj, start: int, end: int, kwargs: dict[str, Any],
+                 *, filling: bool) -> tuple[_Checked, torch.Tensor, torch.Tensor]:
+        caches = self._caches(kwargs)
+        check_range(start, end, int(caches.slot_mapping.shape[0]), "slot_mapping length")
+        if start % self.block_size:
+            raise ValueError(f"start={start} is not on a block boundary; expected a multiple "
+                             f"of block_size={self.block_size}")
+        tensor = memory_tensor(memory_obj)
+        check_memory_tensor(memory_obj, tensor, self.get_shape(end - start),
+                            caches.layers[0].dtype, filling=filling)
+        blocks = caches.blocks[start // self.block_size: -(-end // self.block_size)]
+        if filling and not caches.all_valid and bool((blocks < 0).any()):
             raise ValueError("slot_mapping has -1 in the range to store; expected the slots "
                              "of tokens the serving engine computed")
-        return list(kvcaches), tensor, blocks
+        return caches, tensor, blocks
 
     def from_gpu(self, memory_obj: MemoryObj, start: int, end: int, **kwargs: Any) -> None:
         """Copy the blocks holding tokens ``[start, end)`` into ``memory_obj``."""
-        caches, dst, blocks = self._prepare(memory_obj, start, end, kwargs, filling=True)
-        rows = [c.view(c.shape[0], -1) for c in caches]
+        checked, dst, blocks = self._prepare(memory_obj, start, end, kwargs, filling=True)
+        rows = checked.rows
         parts = [d.view(d.shape[0], -1) for d in dst.unbind(0)]
-        ops = cpu_ops() if caches[0].device.type == "cpu" else None
+        ops = cpu_ops() if rows[0].device.type == "cpu" else None
         if ops is not None:
-            ops.gather_rows(rows, parts, blocks.contiguous(),
+            ops.gather_rows(rows, parts, blocks,
                             dst.numel() * dst.element_size() >= STREAM_MIN_BYTES)
         else:
-            index = blocks.to(caches[0].device)
+            index = blocks.to(rows[0].device)
             for cache, part in zip(rows, parts):
                 torch.index_select(cache, 0, index, out=part)
         memory_obj.metadata.fmt = MemoryFormat.KV_BLOB
@@ -181,16 +219,16 @@ class VLLMCPUBlockConnector(GPUConnectorInterface):
     def to_gpu(self, memory_obj: MemoryObj, start: int, end: int, **kwargs: Any) -> None:
         """Copy ``memory_obj``'s pages into the blocks of tokens ``[start, end)``; blocks
         whose first slot is ``-1`` are skipped."""
-        caches, src, blocks = self._prepare(memory_obj, start, end, kwargs, filling=False)
-        rows = [c.view(c.shape[0], -1) for c in caches]
+        checked, src, blocks = self._prepare(memory_obj, start, end, kwargs, filling=False)
+        rows = checked.rows
         parts = [s.view(s.shape[0], -1) for s in src.unbind(0)]
-        ops = cpu_ops() if caches[0].device.type == "cpu" else None
+        ops = cpu_ops() if rows[0].device.type == "cpu" else None
         if ops is not None:
-            ops.scatter_rows(rows, parts, blocks.contiguous(),
+            ops.scatter_rows(rows, parts, blocks,
                              src.numel() * src.element_size() >= STREAM_MIN_BYTES)
             return
         keep = torch.nonzero(blocks >= 0).squeeze(1)
-        index = blocks.index_select(0, keep).to(caches[0].device)
+        index = blocks.index_select(0, keep).to(rows[0].device)
         for cache, part in zip(rows, parts):
             cache.index_copy_(0, index, part.index_select(0, keep.to(part.device)))
 

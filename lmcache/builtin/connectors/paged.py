@@ -20,6 +20,7 @@ from lmcache.builtin.connectors._checks import (
     memory_tensor,
     require,
     split_kv,
+    version_of,
 )
 from lmcache.builtin.connectors._cpu_moves import (
     block_size_of,
@@ -57,6 +58,8 @@ class _PagedKVConnector(GPUConnectorInterface):
         self.num_layers = num_layers
         self.use_gpu = bool(use_gpu)
         self._staging: torch.Tensor | None = None
+        self._last_layers: tuple[list[Any], list[Any]] | None = None
+        self._last_slots: tuple[torch.Tensor, int, int] | None = None
         start_building()  # the CPU kernels compile in the background; torch serves meanwhile
         self._staging_lock = threading.Lock()
 
@@ -67,8 +70,21 @@ class _PagedKVConnector(GPUConnectorInterface):
 
     def _flat_layers(self, kvcaches: Any) -> list[Any]:
         """Per layer, a ``[2, num_slots, hidden]`` view (stacked layout) or a pair of
-        ``[num_slots, hidden]`` views (pair layout), all in the layout of layer 0."""
+        ``[num_slots, hidden]`` views (pair layout), all in the layout of layer 0.
+
+        A store or retrieve moves many chunks of the same layers: they are checked once,
+        and again when a layer is another object (the layers are held meanwhile, so that
+        no other tensor can take their identity)."""
         layers = kv_layers(kvcaches, self.num_layers)
+        last = self._last_layers
+        if last is not None and len(last[0]) == len(layers) and all(
+                a is b for a, b in zip(layers, last[0])):
+            return last[1]
+        flat = self._check_layers(layers)
+        self._last_layers = (list(layers), flat)
+        return flat
+
+    def _check_layers(self, layers: Any) -> list[Any]:
         k0, v0 = split_kv(layers[0], 0, stacked_ndims=(5,))
         if k0.dim() != 4 or k0.shape[2] * k0.shape[3] != self.hidden_dim_size:
             raise ValueError(
@@ -135,9 +151,26 @@ class _PagedKVConnector(GPUConnectorInterface):
         slots = slot_mapping[start:end]
         if slots.numel() == 0:
             return slots.long(), False
-        # one device sync for all range checks (an out-of-range index would be a device
-        # assert on CUDA, or silently wrong memory, so it is worth it)
-        lo, hi = torch.stack(torch.aminmax(slots)).tolist()
+        # One device sync for all range checks (an out-of-range index would be a device
+        # assert on CUDA, or silently wrong memory, so it is worth it), per slot mapping:
+        # while it is the same object, unwritten, and all its slots are valid, its
+        # chunks need no sync of their own.
+        last = self._last_slots
+        version = version_of(slot_mapping)  # None: not tracked, so never reused
+        if last is not None and last[0] is slot_mapping and version is not None \
+                and last[1] == version and last[2] == num_slots:
+            return slots.long(), False
+        if start == 0 and end == slot_mapping.shape[0]:
+            whole = slots
+        else:
+            whole = slot_mapping
+        lo, hi = torch.stack(torch.aminmax(whole)).tolist()
+        if lo >= 0 and hi < num_slots:
+            if version is not None:
+                self._last_slots = (slot_mapping, version, num_slots)
+            return slots.long(), False
+        if whole is not slots:
+            lo, hi = torch.stack(torch.aminmax(slots)).tolist()
         if lo < -1 or hi >= num_slots:
             bad = lo if lo < -1 else hi
             raise ValueError(f"slot_mapping[{start}:{end}] holds slot {bad}; expected slots in "

@@ -40,6 +40,8 @@ class LocalCPUBackend(StorageBackendInterface):
     allocate (`evict_for`).
     """
 
+    answers_from_memory = True
+
     class Options(PluginOptions):
         max_size_gb: float | None = Field(
             None, ge=0, description="Budget of the tier in GB; by default the whole "

@@ -175,6 +175,8 @@ class LocalDiskBackend(StorageBackendInterface):
         self.files: LocalFiles | FsspecFiles = (
             LocalFiles(self.root, fsync=fsync, name=tier_name)
             if type(self.fs) is LocalFileSystem else FsspecFiles(self.objects))
+        # the index is in memory; a header is read locally at most once per file
+        self.answers_from_memory = isinstance(self.files, LocalFiles)
         self.index = DiskIndex(self.max_bytes)
         self._log = LogOnce(logger, f"{tier_name}: ")
 
