@@ -4,9 +4,15 @@ Llama-3-8B chunk geometry: 256 tokens x 32 layers x K/V x 8 KV heads x head 128,
 (32 MiB per chunk). Every figure is printed next to a baseline measured in the same run,
 on the same bytes, at the same concurrency, interleaved with it (best of ``--repeat``):
 
-- raw redis-py: ``SET``/``GET`` of each chunk's bytes with a plain ``redis.Redis``;
+- raw redis-py: ``SET``/``GET`` of each chunk's bytes with a plain ``redis.Redis``, once
+  with hiredis (redis-py's default when it is installed, as it is with lmcache-redis)
+  and once with redis-py's pure-Python parser and command packer (its default without
+  hiredis); the tier is measured with the same choice on its own connections;
 - raw s3fs: ``pipe_file``/``cat_file`` of each chunk's bytes.
 
+The tiers are built as an engine builds them (the registry, the default options but
+``url``, ``namespace`` and ``num_workers`` = the concurrency, the engine's chunk spec),
+so a get reads what a serving engine reads (``GETRANGE`` bounded by the largest chunk).
 The tier's figures include everything it does: the serde (header, checksum), the
 thread hand-offs and timeouts, reading into memory from the engine's allocator and
 verifying the checksum. Then the serdes: ratio and speed of ``zstd`` on KV computed by a
@@ -16,7 +22,7 @@ Servers: by default a ``redis-server`` and a SeaweedFS S3 server are started on 
 (``lmcache.testing.servers``); ``--redis-url`` / ``--s3-url`` + ``--s3-endpoint`` use
 existing ones instead.
 
-Run:  .venv/bin/python benchmarks/bench_remote.py [--chunks 8] [--repeat 3]
+Run:  .venv/bin/python benchmarks/bench_remote.py [--chunks 8] [--repeat 3] [--skip serde]
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
+from lmcache.abc.storage_backend import ChunkSpec, TierContext
 from lmcache.experimental.memory_management import HostMemoryAllocator, MemoryFormat
-from lmcache.experimental.storage_backend.remote_backend import FsspecTransport, RemoteBackend
+from lmcache.experimental.storage_backend.remote_backend import RemoteBackend
 from lmcache.experimental.storage_backend.serde import NaiveSerde, ZstdSerde
+from lmcache.plugin.registry import registry
 from lmcache.utils import CacheEngineKey
 
 LAYERS, HEADS, HEAD, CHUNK = 32, 8, 128, 256
@@ -108,6 +117,77 @@ class TierBench:
             tier, raw = nbytes / b[f"tier {op}"] / GB, nbytes / b[f"raw {op}"] / GB
             print(f"  {self.name:5s} {op:3s}  x{threads}: tier {tier:6.2f} GB/s   raw "
                   f"{raw:6.2f} GB/s   ratio {tier / raw:5.2f}")
+
+
+def make_tier(name: str, allocator, workers: int, **options: Any) -> RemoteBackend:
+    """The tier ``name`` as an engine builds it: default options but ``options``."""
+    spec = ChunkSpec(MemoryFormat.KV_BLOB, DTYPE, frozenset(
+        (LAYERS, 2, n, HEADS, HEAD) for n in range(1, CHUNK + 1)))
+    return registry.create("storage_backend", name, {"num_workers": workers, **options},
+                           None, None, TierContext(tier_name=name, memory_allocator=allocator,
+                                                   chunk_spec=spec))
+
+
+def redis_parsers() -> list[tuple[str, dict[str, Any]]]:
+    """The reply parsers to measure: (label, connection keywords of redis-py)."""
+    from redis.connection import (
+        Connection,
+        PythonRespSerializer,
+        _HiredisParser,
+        _RESP2Parser,
+    )
+    from redis.utils import HIREDIS_AVAILABLE
+
+    pure = {"parser_class": _RESP2Parser,
+            "command_packer": PythonRespSerializer(6000, Connection().encoder.encode)}
+    found = [("pure Python", pure)]
+    if HIREDIS_AVAILABLE:
+        found.insert(0, ("hiredis", {"parser_class": _HiredisParser}))
+    else:
+        print("\n(hiredis is not installed: pip install hiredis, or reinstall "
+              "lmcache-redis, which depends on it)")
+    return found
+
+
+def redis_choice(client) -> str:
+    """What a connection of ``client``'s pool parses and packs with (checked, not assumed)."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        return f"{type(conn._parser).__name__} / {type(conn._command_packer).__name__}"
+    finally:
+        pool.release(conn)
+
+
+def bench_redis(url: str, label: str, kwargs: dict[str, Any], allocator, chunks: list,
+                payloads: list[bytes], threads: list[int], repeat: int) -> None:
+    """The redis tier against raw redis-py, both with the parser and packer ``kwargs``."""
+    import redis
+
+    raw = redis.Redis.from_url(url, **kwargs)
+
+    def make_redis(workers: int) -> RemoteBackend:
+        raw.flushdb()
+        backend = make_tier("redis", allocator, workers, url=url,
+                            namespace=f"bench{uuid.uuid4().hex[:8]}")
+        # the same parser and packer on the tier's connections (made on first use)
+        backend.transport.client().connection_pool.connection_kwargs.update(kwargs)
+        return backend
+
+    probe = make_redis(1)
+    choice = redis_choice(probe.transport.client())
+    probe.close()
+    print(f"\nRedis tier ({url}, serde naive) vs raw redis-py SET/GET, {label} (parser / "
+          f"packer: raw {redis_choice(raw)}, tier {choice}):")
+    nbytes = sum(len(p) for p in payloads)
+    for t in threads:
+        bench = TierBench("redis", make_redis, lambda k, v: raw.set(k, v), raw.get, chunks,
+                          payloads)
+        for _ in range(repeat):
+            bench.run(t)
+        bench.report(t, nbytes)
+    raw.flushdb()
+    raw.close()
 
 
 def kv_chunks(allocator, n: int) -> list:
@@ -207,10 +287,6 @@ def main() -> None:
     started = []
     try:
         if "redis" not in skip:
-            import redis
-
-            from lmcache_redis.backend import RedisTransport
-
             url = args.redis_url
             if url is None:
                 from lmcache.testing.servers import RedisServer
@@ -218,22 +294,9 @@ def main() -> None:
                 server = RedisServer().start()
                 started.append(server)
                 url = server.url
-            raw = redis.Redis.from_url(url)
-
-            def make_redis(workers: int) -> RemoteBackend:
-                raw.flushdb()
-                transport = RedisTransport(url, namespace=f"bench{uuid.uuid4().hex[:8]}")
-                return RemoteBackend(transport, NaiveSerde(), allocator, num_workers=workers,
-                                     tier_name="redis")
-
-            print(f"\nRedis tier ({url}, serde naive) vs raw redis-py SET/GET:")
-            for t in threads:
-                bench = TierBench("redis", make_redis, lambda k, v: raw.set(k, v), raw.get,
-                                  chunks, payloads)
-                for _ in range(args.repeat):
-                    bench.run(t)
-                bench.report(t, nbytes)
-            raw.flushdb()
+            for label, kwargs in redis_parsers():
+                bench_redis(url, label, kwargs, allocator, chunks, payloads, threads,
+                            args.repeat)
         if "s3" not in skip:
             if args.s3_url is None:
                 from lmcache.testing.servers import SeaweedS3Server
@@ -250,10 +313,9 @@ def main() -> None:
             prefix = base.removeprefix("s3://").rstrip("/")
 
             def make_s3(workers: int) -> RemoteBackend:
-                transport = FsspecTransport(base, namespace=f"bench{uuid.uuid4().hex[:8]}",
-                                            storage_options=options)
-                return RemoteBackend(transport, NaiveSerde(), allocator, num_workers=workers,
-                                     tier_name="s3")
+                return make_tier("remote", allocator, workers, url=base,
+                                 namespace=f"bench{uuid.uuid4().hex[:8]}",
+                                 storage_options=options)
 
             print(f"\nS3 tier ({base} on {options.get('endpoint_url', 'AWS')}, serde naive) "
                   "vs raw s3fs pipe_file/cat_file:")

@@ -23,7 +23,12 @@ from lmcache.testing.conformance import StorageBackendConformance
 from lmcache.testing.fixtures import service_missing
 from lmcache.testing.servers import RedisServer, ServiceUnavailable
 from lmcache.utils import CacheEngineKey
-from lmcache_redis.backend import RedisBackend, RedisTransport, parse_redis_url
+from lmcache_redis.backend import (
+    RedisBackend,
+    RedisTransport,
+    _read_value,
+    parse_redis_url,
+)
 
 SHAPE = (4, 2, 16, 2, 32)  # layers, K/V, tokens, heads, head size
 
@@ -180,6 +185,86 @@ def test_puts_are_skipped_when_known_or_pending(redis_server, open_backend, allo
     obj.ref_count_down()
 
 
+# -- reading values ----------------------------------------------------------------------
+
+
+def test_connections_use_hiredis_and_resp2(redis_server):
+    # the default install is the fast one: hiredis comes with lmcache-redis
+    from redis.connection import _HiredisParser
+    from redis.utils import HIREDIS_AVAILABLE
+
+    assert HIREDIS_AVAILABLE, "hiredis is a dependency of lmcache-redis"
+    transport = RedisTransport(redis_server.url)
+    try:
+        assert transport.exists("nothing") is False
+        pool = transport.client().connection_pool
+        conn = pool.get_connection()
+        try:
+            assert isinstance(conn._parser, _HiredisParser) and conn.protocol == 2
+        finally:
+            pool.release(conn)
+    finally:
+        transport.close()
+
+
+class Trickle:
+    """A socket that hands out ``data`` ``step`` bytes per ``recv_into``."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self.data, self.step, self.pos = data, step, 0
+
+    def recv_into(self, buf) -> int:
+        piece = self.data[self.pos:self.pos + min(self.step, len(buf))]
+        buf[:len(piece)] = piece
+        self.pos += len(piece)
+        return len(piece)
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 1 << 16])
+def test_read_value_takes_the_reply_in_any_pieces(step):
+    value = bytes(range(256)) * 400  # longer than the first read
+    sock = Trickle(b"$%d\r\n%b\r\n" % (len(value), value), step)
+    got = _read_value(sock, None)
+    assert bytes(got) == value and sock.pos == len(sock.data)
+    assert bytes(_read_value(Trickle(b"$3\r\nabc\r\n", step), 2)) == b"abc"
+    assert bytes(_read_value(Trickle(b"$0\r\n\r\n", step), 10)) == b""
+    assert _read_value(Trickle(b"$-1\r\n", step), None) is None
+
+
+def test_read_value_raises_what_redis_py_raises():
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        _read_value(Trickle(b"-WRONGTYPE Operation against a key\r\n", 5), None)
+    with pytest.raises(redis.exceptions.MovedError) as moved:
+        _read_value(Trickle(b"-MOVED 3999 127.0.0.1:7002\r\n", 5), None)
+    assert moved.value.node_addr == ("127.0.0.1", 7002)
+    for bad in (b"+OK\r\n", b":1\r\n", b"$x\r\n", b"$3\r\nabcd\r\n", b"$3\r\nab\r\n",
+                b"$3\r\nabc\r\n+OK\r\n"):
+        with pytest.raises((redis.exceptions.InvalidResponse, redis.ConnectionError)):
+            _read_value(Trickle(bad, 64), None)
+    with pytest.raises(redis.exceptions.InvalidResponse, match="GETRANGE"):  # bounded
+        _read_value(Trickle(b"$%d\r\n" % (1 << 40), 64), 1000)
+    with pytest.raises(redis.ConnectionError, match="closed"):  # ends mid-value
+        _read_value(Trickle(b"$10\r\nabc", 64), None)
+
+
+def test_error_replies_keep_the_connection_in_step(redis_server):
+    transport = RedisTransport(redis_server.url, namespace=f"t{uuid.uuid4().hex[:8]}")
+    try:
+        client = redis.Redis(port=redis_server.port)
+        wrong = transport.object_name("a-list")
+        client.rpush(wrong, b"x")
+        transport.put(transport.object_name("k"), [b"value"])
+        for max_bytes in (None, 100):
+            with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+                transport.get(wrong, max_bytes)
+            assert bytes(transport.get(transport.object_name("k"), max_bytes)) == b"value"
+            assert bytes(transport.get(transport.object_name("k"), 2)) == b"val"
+            assert transport.get(transport.object_name("none"), max_bytes) is None
+        client.delete(wrong)
+    finally:
+        transport.close()
+
+
 # -- credentials and TLS ---------------------------------------------------------------
 
 
@@ -283,6 +368,29 @@ def test_cluster_spreads_chunks_over_the_nodes(redis_cluster, open_backend, allo
         assert got is not None and same(obj, got)
         got.ref_count_down()
         obj.ref_count_down()
+
+
+def test_cluster_follows_moved_slots(redis_cluster, open_backend, allocator):
+    backend = open_backend(redis_cluster.url)
+    obj = chunk(allocator, 9)
+    client = backend.transport.client()
+    right = client.get_node_from_key
+    nodes = client.get_nodes()
+
+    def wrong_once(name, *args, **kwargs):  # as if the slot had moved since
+        client.get_node_from_key = right
+        node = right(name, *args, **kwargs)
+        return next(n for n in nodes if n.name != node.name)
+
+    client.get_node_from_key = wrong_once
+    put(backend, key(9), obj)
+    backend._known.clear()
+    client.get_node_from_key = wrong_once
+    got = backend.get_blocking(key(9))
+    assert got is not None and same(obj, got)
+    assert backend.stats.failures == 0
+    got.ref_count_down()
+    obj.ref_count_down()
 
 
 def test_cluster_through_the_remote_tier(redis_cluster, allocator):
