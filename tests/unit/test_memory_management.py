@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+import time
 import warnings
 from types import SimpleNamespace
 
@@ -402,6 +404,16 @@ def test_threads_share_one_object(host: HostMemoryAllocator) -> None:
 
 
 @needs_no_cuda
+def test_the_default_mixed_allocator_falls_back_without_a_warning(monkeypatch) -> None:
+    monkeypatch.setattr(mm, "_pin_fallback_warned", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        alloc = MixedMemoryAllocator(64 * 1024)
+    assert not [w for w in caught if issubclass(w.category, PinnedMemoryUnavailableWarning)]
+    assert not alloc.pin_allocator.is_page_locked
+
+
+@needs_no_cuda
 def test_pin_fallback_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mm, "_pin_fallback_warned", False)
     with warnings.catch_warnings(record=True) as caught:
@@ -578,6 +590,72 @@ def test_prefault_leaves_region_usable() -> None:
     obj = alloc.allocate((MiB // 4,), torch.float32)
     obj.tensor.fill_(1.5)
     assert float(obj.tensor.sum()) == 1.5 * (MiB // 4)
+
+
+def _resident_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s pages that are backed by memory (mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = t.data_ptr() // page * page
+    length = t.data_ptr() + t.numel() * t.element_size() - start
+    vec = (ctypes.c_ubyte * ((length + page - 1) // page))()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) == 0
+    return sum(b & 1 for b in vec) * page
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE")
+def test_background_prefault_backs_the_region_ahead_of_allocations(monkeypatch) -> None:
+    # The default: start-up does not wait, pages get backed ahead of what is handed
+    # out (and only that far), and stores that race the thread keep their bytes. (The
+    # thread's idle priority is left out here: on a busy machine it would wait.)
+    from lmcache.builtin.allocators.region import Prefault
+
+    monkeypatch.setattr(mm, "_idle_priority", lambda: None)
+    class Owner:
+        pass
+
+    region = torch.empty(64 * MiB, dtype=torch.uint8)
+    owner = Owner()
+    prefault = Prefault(region, owner, ahead=8 * MiB)
+    deadline = time.monotonic() + 30
+    while prefault.populated < 8 * MiB - 8192 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if prefault.supported is False:
+        pytest.skip("this kernel cannot populate pages without writing (before 5.14)")
+    time.sleep(0.05)
+    assert 8 * MiB - 8192 <= prefault.populated <= 8 * MiB  # not beyond what was asked
+    assert _resident_bytes(region[16 * MiB:]) == 0
+    region[:4 * MiB].fill_(7)
+    prefault.advance(40 * MiB)  # an allocation ended at 40 MiB: back up to 48 MiB
+    while prefault.populated < 48 * MiB - 8192 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _resident_bytes(region[:47 * MiB]) >= 47 * MiB
+    assert bool((region[:4 * MiB] == 7).all()) and not region[4 * MiB:48 * MiB].any()
+    del owner  # the allocator that started it is gone: the thread ends
+    assert prefault.done.wait(10)
+
+
+def test_allocator_prefault_modes_from_the_configuration(monkeypatch) -> None:
+    monkeypatch.setattr(mm, "_idle_priority", lambda: None)
+    config = SimpleNamespace(max_local_cpu_size=4 / 1024)  # 4 MiB
+    default = HostMemoryAllocator.from_options(HostMemoryAllocator.Options(), config, None)
+    assert default.prefault is not None  # "background" unless told otherwise
+    obj = default.allocate((MiB,), torch.float32)
+    obj.tensor.fill_(2.0)  # races the thread: the bytes stay
+    assert default.prefault.done.wait(10)
+    assert float(obj.tensor.sum()) == 2.0 * MiB
+    obj.ref_count_down()
+    default.close()
+    off = HostMemoryAllocator.from_options(HostMemoryAllocator.Options(prefault=False),
+                                           config, None)
+    assert off.prefault is None
+    mixed = MixedMemoryAllocator.from_options(MixedMemoryAllocator.Options(), config, None)
+    assert mixed.prefault is not None or mixed.pin_allocator.is_page_locked
+    mixed.close()
+    assert mixed.prefault is None or mixed.prefault.done.wait(5)
 
 
 # --- properties ----------------------------------------------------------------------

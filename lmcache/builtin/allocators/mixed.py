@@ -133,12 +133,16 @@ class MixedMemoryAllocator(MemoryAllocatorInterface):
     (``None``) when it would bring the live tensors and buffers together over it, and so
     is a tensor while buffers are live. A length announced by stored bytes can therefore
     never allocate beyond ``max_local_cpu_size``. The accounting properties add both up.
+    Without CUDA the region is ordinary host memory, without a warning (this is the
+    default allocator; choose ``pinned`` to be warned).
     """
 
     Options = PrefaultOptions
 
     def __init__(self, size: int, *, prefault: bool | str = False) -> None:
-        self.pin_allocator = PinMemoryAllocator(size, prefault=prefault)
+        # the default allocator: page-locked where CUDA is, ordinary memory elsewhere
+        # (where nothing would use page-locked memory), without a warning either way
+        self.pin_allocator = PinMemoryAllocator(size, prefault=prefault, warn_unpinned=False)
         self.buffer_allocator = BufferAllocator("cpu", capacity=self.pin_allocator.capacity)
 
     @property

@@ -156,7 +156,7 @@ class Prefault:
         self._wanted = min(ahead, self._size)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        weakref.finalize(owner, self.stop, False)
+        weakref.finalize(owner, self.stop)
         self._thread = threading.Thread(target=self._run, args=(region,),
                                         name="lmcache-prefault", daemon=True)
         self._thread.start()
@@ -199,8 +199,10 @@ class Prefault:
             del region  # the memory may go as soon as the allocator does
             self.done.set()
 
-    def stop(self, wait: bool = True) -> None:
-        """End the thread (within one slice); the memory stays usable."""
+    def stop(self, wait: bool = False) -> None:
+        """End the thread (within one slice; with ``wait``, return once it ended); the
+        memory stays usable. Without ``wait`` it returns at once: at idle priority on a
+        busy machine the last slice may take a while, and nothing needs to wait for it."""
         self._stop.set()
         self._wake.set()
         if wait and self._thread is not threading.current_thread():
@@ -321,14 +323,16 @@ class PinMemoryAllocator(_RegionAllocator):
     """Allocates from one region of page-locked host memory of ``size`` bytes.
 
     Without CUDA there is no page-locked memory to be had: the region is ordinary host
-    memory and a `PinnedMemoryUnavailableWarning` is issued once per process.
+    memory and a `PinnedMemoryUnavailableWarning` is issued once per process (unless
+    ``warn_unpinned`` is False: the ``mixed`` default, which is right on both).
     """
 
     Options = PrefaultOptions
 
-    def __init__(self, size: int, *, prefault: bool | str = False) -> None:
+    def __init__(self, size: int, *, prefault: bool | str = False,
+                 warn_unpinned: bool = True) -> None:
         pinned = torch.cuda.is_available()
-        if not pinned:
+        if not pinned and warn_unpinned:
             _warn_pin_fallback_once()
         region = _reserve_region(size, pin_memory=pinned)
         self.is_page_locked = pinned
