@@ -49,12 +49,12 @@ class PrefaultOptions(PluginOptions):
     prefault: Literal[True, False, "background"] = Field(
         default="background",
         description='When the pages of the region get backed by memory. "background" '
-        "(the default): a thread of idle priority keeps the region backed 512 MiB ahead "
-        "of the chunks stored so far, without writing to it, so start-up does not wait, "
-        "memory is committed as the cache fills and stores do not pay page faults "
-        "(Linux 5.14+; elsewhere pages are backed on first use). true: every page is "
-        "touched before the allocator is returned (start-up waits, all memory is "
-        "committed). false: pages are backed on first use.",
+        "(the default): a thread of idle priority backs the whole region after start-up, "
+        "without writing to it, so start-up does not wait and stores do not pay page "
+        "faults (Linux 5.14+; elsewhere pages are backed on first use). true: every page "
+        "is touched before the allocator is returned (start-up waits). false: pages are "
+        "backed on first use. Either of the first two commits the whole region, as "
+        "page-locked memory always is.",
     )
 
 def _reserve_region(size: int, *, pin_memory: bool = False, device: str = "cpu") -> torch.Tensor:
@@ -101,10 +101,9 @@ def _prefault(region: torch.Tensor) -> None:
 
 #: ``madvise`` advice that backs pages as a write would, without writing (Linux 5.14).
 _MADV_POPULATE_WRITE = 23
-#: Bytes populated per system call: the thread stops within one slice when told to.
-_PREFAULT_SLICE = 32 << 20
-#: How far beyond the highest byte handed out so far the region is kept backed.
-PREFAULT_AHEAD = 512 << 20
+#: Bytes populated per system call: short, so that the call never holds the process's
+#: memory map for long (other threads' mmap/munmap wait for it) and `stop` is quick.
+_PREFAULT_SLICE = 4 << 20
 
 
 def _libc_madvise() -> Any:
@@ -132,41 +131,29 @@ def _idle_priority() -> None:
 
 
 class Prefault:
-    """Keeps a host region backed by memory ahead of the allocations, on a daemon thread
-    of idle priority, so that stores do not pay page faults.
+    """Backs a host region with memory on a daemon thread of idle priority, low
+    addresses first (where the allocator hands out first), so that stores do not pay
+    page faults.
 
-    The allocator reports the end of every object it hands out (`advance`); the thread
-    backs the region up to `PREFAULT_AHEAD` bytes beyond the highest one, low addresses
-    first, where the allocator hands out first. Memory is thus committed as the cache
-    fills, not all at start-up, and the thread only runs on a core that is idle. It
-    never writes to the region: the kernel is asked to populate the pages
-    (``MADV_POPULATE_WRITE``), so stores that come meanwhile are safe and fault the
-    pages not reached yet themselves. Where the kernel cannot do that (before Linux
-    5.14, not Linux) nothing happens and `supported` is False. `stop` ends the thread
-    within one slice (32 MiB); so does the allocator that started it becoming garbage.
+    Start-up does not wait, and the thread only runs on a core that has nothing else to
+    do: on a serving machine the region is backed within seconds of start-up, while the
+    serving engine loads its model. It never writes to the region: the kernel is asked
+    to populate the pages (``MADV_POPULATE_WRITE``), so stores that come meanwhile are
+    safe and fault the pages not reached yet themselves. Where the kernel cannot do that
+    (before Linux 5.14, not Linux) nothing happens and `supported` is False. `stop` ends
+    the thread within one slice (4 MiB); so does the allocator that started it becoming
+    garbage.
     """
 
-    def __init__(self, region: torch.Tensor, owner: object,
-                 ahead: int = PREFAULT_AHEAD) -> None:
+    def __init__(self, region: torch.Tensor, owner: object) -> None:
         self.done = threading.Event()
         self.supported: bool | None = None  # None until the first slice answered
         self.populated = 0
-        self.ahead = ahead
-        self._size = region.numel()
-        self._wanted = min(ahead, self._size)
-        self._wake = threading.Event()
         self._stop = threading.Event()
         weakref.finalize(owner, self.stop)
         self._thread = threading.Thread(target=self._run, args=(region,),
                                         name="lmcache-prefault", daemon=True)
         self._thread.start()
-
-    def advance(self, end: int) -> None:
-        """An object ending at byte ``end`` of the region was handed out."""
-        wanted = end + self.ahead
-        if wanted > self._wanted and not self.done.is_set():
-            self._wanted = min(wanted, self._size)
-            self._wake.set()
 
     def _run(self, region: torch.Tensor) -> None:
         try:
@@ -174,19 +161,13 @@ class Prefault:
             madvise = _libc_madvise()
             page = mmap.PAGESIZE
             base = region.data_ptr()
-            first = (base + page - 1) // page * page
+            addr = (base + page - 1) // page * page
             last = (base + region.numel()) // page * page
-            if madvise is None or last <= first:
+            if madvise is None or last <= addr:
                 self.supported = madvise is not None
                 return
-            addr = first
             while addr < last and not self._stop.is_set():
-                limit = min(last, (base + self._wanted) // page * page)
-                if addr >= limit:
-                    self._wake.wait()
-                    self._wake.clear()
-                    continue
-                n = min(_PREFAULT_SLICE, limit - addr)
+                n = min(_PREFAULT_SLICE, last - addr)
                 if madvise(addr, n, _MADV_POPULATE_WRITE) != 0:
                     self.supported = self.populated > 0
                     logger.debug("prefault stopped after %d bytes: madvise: %s",
@@ -204,7 +185,6 @@ class Prefault:
         memory stays usable. Without ``wait`` it returns at once: at idle priority on a
         busy machine the last slice may take a while, and nothing needs to wait for it."""
         self._stop.set()
-        self._wake.set()
         if wait and self._thread is not threading.current_thread():
             self._thread.join()
 
@@ -239,10 +219,7 @@ class _RegionAllocator(MemoryAllocatorInterface):
         dtype: torch.dtype | None,
         fmt: MemoryFormat = MemoryFormat.KV_BLOB,
     ) -> MemoryObj | None:
-        obj = self.allocator.allocate(shape, dtype, fmt)
-        if obj is not None and self.prefault is not None:
-            self.prefault.advance(obj.metadata.address + obj.metadata.phy_size)
-        return obj
+        return self.allocator.allocate(shape, dtype, fmt)
 
     def free(self, memory_obj: MemoryObj) -> None:
         self.allocator.free(memory_obj)
