@@ -74,7 +74,12 @@ class MemoryObjMetadata:
 
     ``address`` is the offset of the payload in the allocator's region and ``phy_size``
     the bytes reserved there (the payload rounded up to the allocator's alignment).
-    ``pin_count`` counts outstanding `MemoryObj.pin` calls.
+    ``pin_count`` counts outstanding `MemoryObj.pin` calls. ``payload_checksum`` is
+    ``(algorithm, value)`` of the payload when the code that last wrote it computed it
+    on the way (a connector's ``from_gpu``, a tier that verified what it read), so that
+    storing the object need not read it again to checksum it; whoever writes the
+    payload otherwise sets it to ``None``. A stale value can only make a stored copy
+    fail its check (a miss), never pass one.
     """
 
     shape: torch.Size
@@ -84,6 +89,7 @@ class MemoryObjMetadata:
     ref_count: int
     fmt: MemoryFormat = MemoryFormat.UNDEFINED
     pin_count: int = 0
+    payload_checksum: tuple[str, int] | None = None
 
 
 class MemoryObj(abc.ABC):

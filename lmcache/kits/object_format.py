@@ -83,6 +83,7 @@ __all__ = [
     "decode_header",
     "encode_header",
     "key_digest",
+    "known_checksum",
     "payload_checksum",
     "read_object",
     "verify_payload",
@@ -231,15 +232,27 @@ def encode_header(memory_obj: MemoryObj, algorithm: str = "sum64",
                   key: CacheEngineKey | None = None) -> bytes:
     """The header of ``memory_obj`` stored under ``key`` (format, dtype, shape, a
     checksum of its ``byte_array``, the key's digest); write it, then the
-    ``byte_array``. See `build_header`."""
+    ``byte_array``. See `build_header`. The checksum is the object's own
+    ``metadata.payload_checksum`` when that is of ``algorithm`` (computed as the payload
+    was written), else computed here."""
     return build_header(
         memory_obj.get_memory_format(),
         memory_obj.get_dtype(),
         memory_obj.get_shape(),
         memory_obj.byte_array,
         algorithm,
+        checksum=known_checksum(memory_obj, algorithm),
         key=key,
     )
+
+
+def known_checksum(memory_obj: MemoryObj, algorithm: str) -> int | None:
+    """``memory_obj``'s payload checksum with ``algorithm`` if its writer computed one
+    (`MemoryObjMetadata.payload_checksum`), else None."""
+    known = getattr(memory_obj.metadata, "payload_checksum", None)
+    if known is not None and known[0] == algorithm:
+        return known[1]
+    return None
 
 
 # ---------------------------------------------------------------------------------------

@@ -96,22 +96,60 @@ void scatter_rows(std::vector<torch::Tensor> paged, std::vector<torch::Tensor> d
   }, stream);
 }
 
-// paged[j][index[r]] -> dense[j][r]
-void gather_rows(std::vector<torch::Tensor> paged, std::vector<torch::Tensor> dense,
-                 torch::Tensor index, bool stream) {
+constexpr int64_t kRowBytes = 1024 * 8;  // a sum64 row: 1024 little-endian 64-bit words
+
+// Adds the sum64 terms of ``n`` bytes (a multiple of 8) that sit at byte ``offset`` of a
+// payload, read from ``src``: each word counts with the weight of the 8 KiB row of the
+// payload it falls in (row j weighs j + 1).
+inline void add_sum64(const char* src, int64_t offset, int64_t n, uint64_t& a, uint64_t& b) {
+  while (n > 0) {
+    const int64_t row = offset / kRowBytes;
+    const int64_t take = std::min<int64_t>(n, (row + 1) * kRowBytes - offset);
+    const uint64_t* w = reinterpret_cast<const uint64_t*>(src);
+    uint64_t r = 0;
+    for (int64_t k = 0; k < take / 8; ++k) r += w[k];
+    a += r;
+    b += static_cast<uint64_t>(row + 1) * r;
+    src += take;
+    offset += take;
+    n -= take;
+  }
+}
+
+// paged[j][index[r]] -> dense[j][r]. With ``payload_base`` >= 0 (the address of the
+// payload the dense rows are part of; rows a multiple of 8 bytes), also returns the
+// payload's sum64 terms (A, B) computed from the rows as they are copied, so that the
+// payload is not read a second time to checksum it; else (0, 0).
+std::tuple<uint64_t, uint64_t> gather_rows(std::vector<torch::Tensor> paged,
+                                           std::vector<torch::Tensor> dense,
+                                           torch::Tensor index, bool stream,
+                                           int64_t payload_base) {
   check_pairs(paged, dense, index);
   const int64_t* ix = index.data_ptr<int64_t>();
   const int64_t n = index.numel();
+  const bool sum = payload_base >= 0;
+  std::atomic<uint64_t> total_a{0}, total_b{0};
   for_each_job(static_cast<int64_t>(paged.size()), [&](int64_t j) {
     const char* src = static_cast<const char*>(paged[j].data_ptr());
     char* dst = static_cast<char*>(dense[j].data_ptr());
     const int64_t rows = paged[j].size(0);
     const size_t rb = paged[j].size(1) * paged[j].element_size();
+    TORCH_CHECK(!sum || rb % 8 == 0, "rows must be a multiple of 8 bytes to checksum them");
+    uint64_t a = 0, b = 0;
     for (int64_t r = 0; r < n; ++r) {
       TORCH_CHECK(ix[r] >= 0 && ix[r] < rows, "index out of range");
-      copy_row(dst + r * rb, src + ix[r] * rb, rb, stream);
+      const char* row = src + ix[r] * rb;
+      char* out = dst + r * rb;
+      copy_row(out, row, rb, stream);
+      if (sum) {
+        const int64_t offset = reinterpret_cast<intptr_t>(out) - payload_base;
+        add_sum64(row, offset, static_cast<int64_t>(rb), a, b);
+      }
     }
+    total_a += a;  // wrapping sums: the order of the jobs does not matter
+    total_b += b;
   }, stream);
+  return {total_a.load(), total_b.load()};
 }
 
 // The "sum64" payload checksum over rows of 1024 little-endian 64-bit words (see
@@ -139,7 +177,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scatter_rows", &scatter_rows, py::call_guard<py::gil_scoped_release>(),
         "dense rows -> paged rows at index (index < 0 skipped)");
   m.def("gather_rows", &gather_rows, py::call_guard<py::gil_scoped_release>(),
-        "paged rows at index -> dense rows");
+        "paged rows at index -> dense rows; with payload_base >= 0 also the payload's "
+        "sum64 terms (A, B) from the rows copied");
   m.def("sum64_rows", &sum64_rows, py::call_guard<py::gil_scoped_release>(),
         "sum64 checksum terms of whole 8 KiB rows at a CPU address");
 }

@@ -105,3 +105,32 @@ def test_sum64_checksum_same_with_and_without_kernels(monkeypatch, nbytes):
         assert whole == pieces
         digests[mode] = whole
     assert digests["1"] == digests["0"]
+
+
+@needs_compiler
+@pytest.mark.parametrize("pages", [True, False])
+@pytest.mark.parametrize("n", [16, 48, 256])
+def test_the_gather_checksums_the_payload_as_it_copies(pages, n):
+    # The kernel's sum64 from the rows it copies equals the checksum of the payload it
+    # wrote (one pass instead of two), for whole pages and for token rows.
+    from lmcache.experimental.gpu_connector import VLLMCPUBlockConnector
+    from lmcache.kits.checksum import payload_checksum
+
+    assert cpu_ops(wait=True) is not None
+    g = Geometry(num_blocks=40)
+    slots = _slots(g, n, pages, seed=n)
+    conn = VLLMPagedMemGPUConnectorV2(g.hidden, g.num_layers)
+    alloc = HostMemoryAllocator(32 << 20)
+    obj = alloc.allocate(conn.get_shape(n), g.dtype)
+    conn.from_gpu(obj, 0, n, kvcaches=paged_cache(g, seed=1), slot_mapping=slots)
+    assert obj.metadata.payload_checksum == ("sum64", payload_checksum(obj.byte_array))
+    obj.ref_count_down()
+    blocks = VLLMCPUBlockConnector(3, 2, 64, 16)
+    caches = [torch.randn(12, 2, 16, 128).to(torch.bfloat16) for _ in range(3)]
+    block_slots = torch.tensor([5, 0, 9, 2, 7])
+    block_slots = (block_slots.repeat_interleave(16) * 16 + torch.arange(16).repeat(5))
+    m = min(n, 80)
+    obj = alloc.allocate(blocks.get_shape(m), torch.bfloat16)
+    blocks.from_gpu(obj, 0, m, kvcaches=caches, slot_mapping=block_slots)
+    assert obj.metadata.payload_checksum == ("sum64", payload_checksum(obj.byte_array))
+    obj.ref_count_down()

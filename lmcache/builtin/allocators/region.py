@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import mmap
@@ -142,7 +143,8 @@ class Prefault:
     safe and fault the pages not reached yet themselves. Where the kernel cannot do that
     (before Linux 5.14, not Linux) nothing happens and `supported` is False. `stop` ends
     the thread within one slice (4 MiB); so does the allocator that started it becoming
-    garbage.
+    garbage, and so does the interpreter's exit, which waits for it (a thread still in
+    the system call when the interpreter finalizes could abort the process).
     """
 
     def __init__(self, region: torch.Tensor, owner: object) -> None:
@@ -153,6 +155,7 @@ class Prefault:
         weakref.finalize(owner, self.stop)
         self._thread = threading.Thread(target=self._run, args=(region,),
                                         name="lmcache-prefault", daemon=True)
+        _running.add(self)
         self._thread.start()
 
     def _run(self, region: torch.Tensor) -> None:
@@ -178,6 +181,7 @@ class Prefault:
                 self.populated += n
         finally:
             del region  # the memory may go as soon as the allocator does
+            _running.discard(self)
             self.done.set()
 
     def stop(self, wait: bool = False) -> None:
@@ -187,6 +191,18 @@ class Prefault:
         self._stop.set()
         if wait and self._thread is not threading.current_thread():
             self._thread.join()
+
+
+#: Prefaults whose thread has not ended.
+_running: weakref.WeakSet[Prefault] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    for prefault in list(_running):
+        prefault.stop()
+    for prefault in list(_running):
+        prefault.done.wait(5.0)
 
 
 def _start_prefault(region: torch.Tensor, mode: bool | str, owner: object

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from lmcache.kits.checksum import MASK64
 from lmcache.ops import cpu_ops
+
+if TYPE_CHECKING:
+    from lmcache.abc.memory import MemoryObj
 
 # -- CPU scatter ---------------------------------------------------------------------------
 # torch's index_copy_ on the CPU moves one element at a time (~1/3 of memcpy speed here);
@@ -117,11 +121,13 @@ STREAM_MIN_BYTES = 1 << 20
 
 
 def cpu_kernel_move(flat: list[Any], slots: torch.Tensor, mem: torch.Tensor,
-                     block_size: int, *, to_cache: bool) -> bool:
+                     block_size: int, *, to_cache: bool,
+                     memory_obj: MemoryObj | None = None) -> bool:
     """Move a chunk with the compiled row-copy kernels; False when they are not built.
 
     Whole pages move as one row each, otherwise one row per token; slots of -1 are
     skipped by the scatter (the gather never sees them: `_chunk_slots` refuses them).
+    A gather leaves the payload's checksum in ``memory_obj`` (`gather_with_checksum`).
     """
     ops = cpu_ops()
     if ops is None:
@@ -135,7 +141,28 @@ def cpu_kernel_move(flat: list[Any], slots: torch.Tensor, mem: torch.Tensor,
             k, v = layer.unbind(0) if isinstance(layer, torch.Tensor) else layer
             pairs += [(k, mem_k), (v, mem_v)]
     stream = mem.numel() * mem.element_size() >= STREAM_MIN_BYTES
-    move = ops.scatter_rows if to_cache else ops.gather_rows
-    move([c for c, _ in pairs], [m for _, m in pairs], index.contiguous(), stream)
+    if to_cache:
+        ops.scatter_rows([c for c, _ in pairs], [m for _, m in pairs], index.contiguous(),
+                         stream)
+    else:
+        gather_with_checksum(ops, [c for c, _ in pairs], [m for _, m in pairs],
+                             index.contiguous(), stream, mem, memory_obj)
     return True
+
+
+def gather_with_checksum(ops: Any, paged: list[torch.Tensor], dense: list[torch.Tensor],
+                          index: torch.Tensor, stream: bool, mem: torch.Tensor,
+                          memory_obj: MemoryObj | None) -> None:
+    """The row kernel's gather of ``paged`` rows into ``dense`` parts of ``mem`` (the
+    memory object's whole payload), and the payload's ``sum64`` checksum computed from
+    the rows on the way, kept in ``memory_obj.metadata.payload_checksum`` (None when
+    the rows are not whole 8-byte words)."""
+    nbytes = mem.numel() * mem.element_size()
+    whole_words = nbytes % 8 == 0 and all(
+        (d.shape[-1] * d.element_size()) % 8 == 0 for d in dense)
+    a, b = ops.gather_rows(paged, dense, index, stream,
+                           mem.data_ptr() if whole_words else -1)
+    if memory_obj is not None:
+        memory_obj.metadata.payload_checksum = (
+            ("sum64", (a + 2 * b) & MASK64) if whole_words else None)
 

@@ -19,7 +19,7 @@ from lmcache.builtin.connectors._checks import (
     require,
     version_of,
 )
-from lmcache.builtin.connectors._cpu_moves import STREAM_MIN_BYTES
+from lmcache.builtin.connectors._cpu_moves import STREAM_MIN_BYTES, gather_with_checksum
 from lmcache.ops import cpu_ops
 from lmcache.plugin.options import PluginOptions
 
@@ -204,12 +204,14 @@ class VLLMCPUBlockConnector(GPUConnectorInterface):
     def from_gpu(self, memory_obj: MemoryObj, start: int, end: int, **kwargs: Any) -> None:
         """Copy the blocks holding tokens ``[start, end)`` into ``memory_obj``."""
         checked, dst, blocks = self._prepare(memory_obj, start, end, kwargs, filling=True)
+        memory_obj.metadata.payload_checksum = None  # unless the gather computes it
         rows = checked.rows
         parts = [d.view(d.shape[0], -1) for d in dst.unbind(0)]
         ops = cpu_ops() if rows[0].device.type == "cpu" else None
         if ops is not None:
-            ops.gather_rows(rows, parts, blocks,
-                            dst.numel() * dst.element_size() >= STREAM_MIN_BYTES)
+            gather_with_checksum(ops, rows, parts, blocks,
+                                 dst.numel() * dst.element_size() >= STREAM_MIN_BYTES, dst,
+                                 memory_obj)
         else:
             index = blocks.to(rows[0].device)
             for cache, part in zip(rows, parts):

@@ -106,6 +106,7 @@ class VLLMNestedTupleGPUConnector(GPUConnectorInterface):
             cache's, or whose format is neither KV_BLOB nor UNDEFINED.
         :raises AssertionError: the memory object has no tensor.
         """
+        memory_obj.metadata.payload_checksum = None
         pairs, dst = self._prepare(memory_obj, start, end, kwargs, filling=True)
         n = end - start
         for i, (k, v) in enumerate(pairs):

@@ -265,10 +265,12 @@ class _PagedKVConnector(GPUConnectorInterface):
         :raises AssertionError: the memory object has no tensor.
         """
         flat, dst, slots, _ = self._prepare(memory_obj, start, end, kwargs, filling=True)
+        memory_obj.metadata.payload_checksum = None  # unless the gather computes it
         device = flat[0][0].device
         if dst.device == device:
             if device.type == "cpu" and cpu_kernel_move(
-                    flat, slots, dst, block_size_of(kwargs["kvcaches"]), to_cache=False):
+                    flat, slots, dst, block_size_of(kwargs["kvcaches"]), to_cache=False,
+                    memory_obj=memory_obj):
                 memory_obj.metadata.fmt = MemoryFormat.KV_BLOB
                 return
             if device.type == "cpu" and gather_blocks_cpu(
