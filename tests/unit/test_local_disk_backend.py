@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import itertools
 import logging
 import os
+import stat
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +34,7 @@ from lmcache.experimental.storage_backend.local_disk_backend import (
 )
 from lmcache.experimental.storage_backend.object_format import HEADER_SIZE
 from lmcache.utils import CacheEngineKey
+from tests.kvutil import wait_until
 
 KV_SHAPE = (2, 4, 256, 64)
 SMALL = (2, 4, 16, 64)  # 8192 elements
@@ -180,6 +184,190 @@ def test_fsync_option(open_backend, allocator):
     backend = open_backend(fsync=True)
     expected = store(backend, allocator, key(7), 7)
     assert load(backend, key(7)) == expected
+
+
+class DurabilityLog:
+    """Renames, directory fsyncs (each ``start``/``end`` with an id) and finished puts, in
+    the order they happened. ``dir_fsync`` runs inside every ``fsync`` of a directory
+    (a slow one, a failing one)."""
+
+    def __init__(self, monkeypatch, dir_fsync=None) -> None:
+        self.events: list[tuple[str, object]] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        real_replace, real_fsync = os.replace, os.fsync
+
+        def replace(src, dst, **kwargs):
+            real_replace(src, dst, **kwargs)
+            self.log("rename", os.path.basename(dst))
+            self.after_rename()
+
+        def fsync(fd):
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                return real_fsync(fd)
+            i = next(self._ids)
+            self.log("dir-start", i)
+            try:
+                if dir_fsync is not None:
+                    dir_fsync()
+                return real_fsync(fd)
+            finally:
+                self.log("dir-end", i)
+
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def after_rename(self) -> None:
+        pass
+
+    def log(self, what: str, arg: object) -> None:
+        with self._lock:
+            self.events.append((what, arg))
+
+    def watch(self, k: CacheEngineKey, future) -> None:
+        future.add_done_callback(lambda _: self.log("done", k.to_string() + OBJECT_SUFFIX))
+
+    def dir_fsyncs(self) -> int:
+        return sum(what == "dir-start" for what, _ in self.events)
+
+    def covered(self, k: CacheEngineKey) -> bool:
+        """Whether a directory fsync that started after ``k``'s rename finished before
+        ``k``'s put was done."""
+        name = k.to_string() + OBJECT_SUFFIX
+        renamed = self.events.index(("rename", name))
+        done = self.events.index(("done", name))
+        return any(
+            self.events.index(("dir-end", i)) < done
+            for j, (what, i) in enumerate(self.events) if what == "dir-start" and j > renamed
+        )
+
+
+def test_concurrent_fsync_puts_share_directory_fsyncs(open_backend, allocator, monkeypatch):
+    n = 4
+    backend = open_backend(fsync=True, num_writers=n)
+    # every writer renames before any of them syncs the directory; each sync is slow
+    record = DurabilityLog(monkeypatch, dir_fsync=lambda: time.sleep(0.05))
+    record.after_rename = threading.Barrier(n, timeout=30).wait
+    objs = [make(allocator, i) for i in range(n)]
+    expected = [digest(o) for o in objs]
+    try:
+        for i, obj in enumerate(objs):
+            record.watch(key(i), backend.submit_put_task(key(i), obj))
+        assert wait_until(lambda: sum(e[0] == "done" for e in record.events) == n, 30)
+    finally:
+        for obj in objs:
+            obj.ref_count_down()
+    assert record.dir_fsyncs() < n, record.events
+    assert all(record.covered(key(i)) for i in range(n)), record.events
+    assert [load(backend, key(i)) for i in range(n)] == expected
+
+
+def test_a_rename_during_a_directory_fsync_waits_for_the_next(open_backend, allocator,
+                                                               monkeypatch):
+    backend = open_backend(fsync=True, num_writers=2)
+    release = threading.Event()
+    record = DurabilityLog(monkeypatch, dir_fsync=lambda: release.wait(30))
+    first, second = make(allocator, 1), make(allocator, 2)
+    try:
+        record.watch(key(1), backend.submit_put_task(key(1), first))
+        assert wait_until(lambda: record.dir_fsyncs() == 1, 30)
+        # key(1)'s directory fsync is running; key(2) is renamed while it runs
+        future = backend.submit_put_task(key(2), second)
+        record.watch(key(2), future)
+        assert wait_until(lambda: ("rename", key(2).to_string() + OBJECT_SUFFIX)
+                          in record.events, 30)
+        release.set()
+        assert future.result(timeout=30) is True
+    finally:
+        release.set()
+        first.ref_count_down()
+        second.ref_count_down()
+    assert wait_until(lambda: sum(e[0] == "done" for e in record.events) == 2, 30)
+    assert record.covered(key(1)) and record.covered(key(2)), record.events
+
+
+@pytest.mark.parametrize("failing", ["fsync", "open"])
+def test_a_failing_directory_fsync_is_ignored(open_backend, allocator, monkeypatch, tmp_path,
+                                              failing):
+    # as before the group commit: a directory that cannot be synced (or opened) is
+    # skipped, and the puts waiting on it are done
+    n = 4
+    backend = open_backend(fsync=True, num_writers=n)
+    attempts = []
+
+    def fail():
+        attempts.append(failing)
+        time.sleep(0.05)  # slow, so that the other writers wait on it
+        raise OSError(errno.EIO, "injected")
+
+    record = DurabilityLog(monkeypatch, dir_fsync=fail if failing == "fsync" else None)
+    record.after_rename = threading.Barrier(n, timeout=30).wait
+    if failing == "open":
+        real_open = os.open
+
+        def open_(path, flags, *args, **kwargs):
+            if os.fspath(path) == backend.root and not flags & os.O_WRONLY:
+                fail()
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", open_)
+    objs = [make(allocator, i) for i in range(n)]
+    expected = [digest(o) for o in objs]
+    try:
+        futures = [backend.submit_put_task(key(i), obj) for i, obj in enumerate(objs)]
+        assert [f.result(timeout=30) for f in futures] == [True] * n
+    finally:
+        for obj in objs:
+            obj.ref_count_down()
+    assert 1 <= len(attempts) < n
+    assert [load(backend, key(i)) for i in range(n)] == expected
+    assert not [name for name in files(tmp_path / "cache") if name.endswith(TEMP_SUFFIX)]
+
+
+def test_a_directory_sync_that_raises_covers_nobody(tmp_path, monkeypatch):
+    release = threading.Event()
+    calls = []
+
+    def fsync_dir(path):
+        calls.append(path)
+        if len(calls) == 1:
+            release.wait(30)
+        elif len(calls) == 2:
+            raise RuntimeError("injected")
+
+    monkeypatch.setattr(ldb, "_fsync_dir", fsync_dir)
+    sync = ldb.DirectorySync(str(tmp_path))
+    waits = []
+    real_wait = sync._cond.wait
+
+    def wait(timeout=None):
+        waits.append(timeout)
+        return real_wait(timeout)
+
+    sync._cond.wait = wait
+    outcomes = []
+
+    def writer():
+        try:
+            sync.sync()
+            outcomes.append("done")
+        except RuntimeError:
+            outcomes.append("raised")
+
+    first = threading.Thread(target=writer)
+    first.start()
+    assert wait_until(lambda: len(calls) == 1, 30)
+    # two writers wait while the first sync runs; the next sync, run by one of them for
+    # both, raises: the other is not covered by it and runs a third
+    others = [threading.Thread(target=writer) for _ in range(2)]
+    for thread in others:
+        thread.start()
+    assert wait_until(lambda: len(waits) == 2, 30)
+    release.set()
+    for thread in [first, *others]:
+        thread.join(30)
+    assert sorted(outcomes) == ["done", "done", "raised"]
+    assert calls == [str(tmp_path)] * 3
 
 
 def test_remove(backend, allocator):

@@ -7,7 +7,8 @@ branches on it again:
 `LocalFiles`
     The local file system, with system calls: a write is one ``writev`` of header and
     payload into a temporary file, then a rename (plus ``fsync`` of the file and the
-    directory with ``fsync=True``); a read is ``readinto`` the new memory object. Payloads
+    directory with ``fsync=True``: concurrent writers share one directory ``fsync``, see
+    `DirectorySync`); a read is ``readinto`` the new memory object. Payloads
     over one piece (4 MiB) move piece by piece, each piece hashed on a helper thread
     while the next one is read or written, so that checksumming costs little time.
 `FsspecFiles`
@@ -22,6 +23,7 @@ checked on the header, before anything is allocated.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
     from lmcache.abc.storage_backend import ChunkSpec
     from lmcache.utils import CacheEngineKey
 
-__all__ = ["MISSING", "FsspecFiles", "LocalFiles", "Miss", "check_header"]
+__all__ = ["MISSING", "DirectorySync", "FsspecFiles", "LocalFiles", "Miss", "check_header"]
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # Linux moves at most this much per read/write system call.
@@ -107,6 +109,7 @@ class LocalFiles:
     def __init__(self, root: str, *, fsync: bool = False, name: str = "local_disk") -> None:
         self.root = root
         self.fsync = fsync
+        self._dir_sync = DirectorySync(root)
         os.makedirs(root, exist_ok=True)
         self._hashers = ThreadPoolExecutor(2, thread_name_prefix=f"{name}-h")
 
@@ -144,7 +147,7 @@ class LocalFiles:
             _unlink_quietly(tmp)
             raise
         if self.fsync:
-            _fsync_dir(self.root)
+            self._dir_sync.sync()
 
     # -- reading --------------------------------------------------------------------------
 
@@ -238,6 +241,54 @@ class LocalFiles:
 
     def close(self) -> None:
         self._hashers.shutdown(wait=True)
+
+
+class DirectorySync:
+    """Group commit of a directory's ``fsync``: makes the renames done so far in ``path``
+    durable, sharing one ``fsync`` between concurrent writers.
+
+    A rename is durable once an ``fsync`` of its directory that *started after it*
+    finished. `sync`, called after a rename, returns once such an ``fsync`` finished: if
+    none is running, the caller runs one; if one is running, it may have started before
+    the rename, so the caller waits for it to end and then for the next one, which one of
+    the writers waiting by then runs for all of them. With ``k`` writers renaming at once
+    that is at most two ``fsync`` calls instead of ``k``.
+
+    Errors are those of `_fsync_dir`: none (a directory that cannot be opened or synced
+    is skipped, as file systems that refuse ``fsync`` on directories do). A sync that
+    raises anyway covers nobody: its caller gets the exception and the writers waiting
+    on it run another.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._started = 0  # generation of the newest sync started
+        self._finished = 0  # generation of the newest sync finished successfully
+        self._running = False
+
+    def sync(self) -> None:
+        """Return once a directory ``fsync`` that started after this call began finished."""
+        with self._cond:
+            # any sync started from now on covers the caller's rename
+            covered_by = self._started + 1
+            while self._running and self._finished < covered_by:
+                self._cond.wait()
+            if self._finished >= covered_by:
+                return
+            self._started += 1
+            generation = self._started
+            self._running = True
+        ok = False
+        try:
+            _fsync_dir(self.path)
+            ok = True
+        finally:
+            with self._cond:
+                self._running = False
+                if ok:
+                    self._finished = generation
+                self._cond.notify_all()
 
 
 class FsspecFiles:

@@ -84,9 +84,10 @@ class LocalDiskBackend(StorageBackendInterface):
         num_writers / num_readers: threads for writes and for prefetches.
         checksum: ``"sum64"`` (memory speed) or ``"crc32"`` for new objects; reading
             verifies whatever algorithm an object was written with.
-        fsync: flush each object (and the directory) of a local file system to stable
-            storage before it becomes visible. Off by default: a crash then costs the
-            newest chunks as misses, never wrong data.
+        fsync: flush each object of a local file system to stable storage before it
+            becomes visible, and its name (the directory) before its put is done;
+            concurrent writers share the directory's ``fsync``. Off by default: a crash
+            then costs the newest chunks as misses, never wrong data.
         tier_name: the name in log messages.
         on_stored, on_evicted: observers, called from the writer threads (see
             `OnStored`, `OnEvicted`); their exceptions are logged and ignored.
