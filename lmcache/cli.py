@@ -69,6 +69,23 @@ def _server(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _kernels_build(args: argparse.Namespace) -> int:
+    import os
+
+    from lmcache.ops import ENV, cpu_ops, library_path
+
+    if os.environ.get(ENV, "1") == "0":
+        print(f"{ENV}=0: the CPU kernels are turned off")
+        return 1
+    ops = cpu_ops(wait=True)
+    if ops is None:
+        print("the CPU kernels could not be built (see the warning above); the torch path "
+              "serves, with identical results")
+        return 1
+    print(f"CPU kernels ready: {library_path()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmcache", description="lmcache KV-cache engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_config_check)
     schema = csub.add_parser("schema", help="print the JSON schema of the configuration")
     schema.set_defaults(func=_config_schema)
+
+    kernels = sub.add_parser("kernels", help="the native CPU kernels")
+    ksub = kernels.add_subparsers(dest="kernels_command", required=True)
+    kbuild = ksub.add_parser("build", help="compile (or find) the CPU kernels now, so that "
+                             "the first process that moves KV need not wait for them")
+    kbuild.set_defaults(func=_kernels_build)
 
     from lmcache.server.main import add_arguments as add_server_arguments  # argparse only
 

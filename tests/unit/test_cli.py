@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -76,3 +77,17 @@ def test_config_schema_is_json_with_plugin_options():
 def test_usage_errors(args):
     out = lmcache(*args)
     assert out.returncode == 2 and "usage:" in out.stderr
+
+
+def test_kernels_build_reports_where_they_are():
+    from lmcache.ops import cpu_ops, library_path
+
+    done = lmcache("kernels", "build")
+    if cpu_ops(wait=True) is None:
+        assert done.returncode == 1 and "torch path" in done.stdout
+    else:
+        assert done.returncode == 0 and str(library_path()) in done.stdout
+    off = subprocess.run([sys.executable, "-m", "lmcache.cli", "kernels", "build"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "LMCACHE_CPU_KERNELS": "0"})
+    assert off.returncode == 1 and "turned off" in off.stdout
