@@ -759,6 +759,41 @@ def test_large_objects_are_hashed_piece_by_piece(open_backend, allocator, monkey
         assert backend.get_blocking(key(i)) is None and not path.exists()
 
 
+def test_a_known_checksum_is_not_computed_again(open_backend, allocator, monkeypatch):
+    # a connector that checksummed the payload as it gathered it says so in the metadata:
+    # the write uses that (one writev, no pass over the payload), whatever its size
+    from lmcache.kits.checksum import payload_checksum
+
+    monkeypatch.setattr(ldb, "_PIECE", 64 << 10)  # KV_SHAPE in fp32 is 8 pieces
+    backend = open_backend()
+    hashed = []
+    real_hash_alongside = ldb.LocalFiles._hash_alongside
+
+    def hash_alongside(self, payload, *args):
+        hashed.append(payload.nbytes)
+        return real_hash_alongside(self, payload, *args)
+
+    monkeypatch.setattr(ldb.LocalFiles, "_hash_alongside", hash_alongside)
+    right, stale = (make(allocator, i, shape=KV_SHAPE, dtype=torch.float32) for i in (1, 2))
+    right.metadata.payload_checksum = ("sum64", payload_checksum(right.byte_array))
+    stale.metadata.payload_checksum = ("sum64", payload_checksum(right.byte_array))
+    other = make(allocator, 3, shape=KV_SHAPE, dtype=torch.float32)
+    other.metadata.payload_checksum = ("crc32", 0)  # not the tier's algorithm: computed
+    expected = {1: digest(right), 3: digest(other)}
+    other_bytes = other.get_size()
+    try:
+        futures = [backend.submit_put_task(key(i), obj)
+                   for i, obj in [(1, right), (2, stale), (3, other)]]
+        assert [f.result(timeout=30) for f in futures] == [True] * 3
+    finally:
+        for obj in (right, stale, other):
+            obj.ref_count_down()
+    assert hashed == [other_bytes]  # written: only the one whose checksum was unknown
+    assert load(backend, key(1)) == expected[1]
+    assert load(backend, key(3)) == expected[3]
+    assert load(backend, key(2)) is None  # a stale checksum: a miss, never wrong data
+
+
 def test_a_file_truncated_while_being_read(backend, allocator, monkeypatch):
     monkeypatch.setattr(ldb, "_PIECE", 64 << 10)
     expected = store(backend, allocator, key(1), 1, shape=KV_SHAPE, dtype=torch.float32)

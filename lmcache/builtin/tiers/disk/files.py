@@ -10,7 +10,9 @@ branches on it again:
     directory with ``fsync=True``: concurrent writers share one directory ``fsync``, see
     `DirectorySync`); a read is ``readinto`` the new memory object. Payloads
     over one piece (4 MiB) move piece by piece, each piece hashed on a helper thread
-    while the next one is read or written, so that checksumming costs little time.
+    while the next one is read or written, so that checksumming costs little time; a
+    payload whose checksum is known already (``metadata.payload_checksum``, computed by
+    the connector's gather) is written in one ``writev`` and not read again.
 `FsspecFiles`
     Any other fsspec file system or object store, through `lmcache.kits.fsspec_objects`.
 
@@ -39,6 +41,7 @@ from lmcache.kits.object_format import (
     build_header,
     decode_header,
     encode_header,
+    known_checksum,
     verify_payload,
 )
 
@@ -124,7 +127,9 @@ class LocalFiles:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
         try:
             try:
-                if payload.nbytes <= _PIECE:
+                if payload.nbytes <= _PIECE or known_checksum(memory_obj, checksum) is not None:
+                    # the checksum is cheap here, or known already (computed as the payload
+                    # was written): header and payload in one writev
                     header = encode_header(memory_obj, checksum, key)
                     _write_all(fd, [memoryview(header), payload])
                 else:
