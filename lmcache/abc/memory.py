@@ -79,7 +79,10 @@ class MemoryObjMetadata:
     on the way (a connector's ``from_gpu``, a tier that verified what it read), so that
     storing the object need not read it again to checksum it; whoever writes the
     payload otherwise sets it to ``None``. A stale value can only make a stored copy
-    fail its check (a miss), never pass one.
+    fail its check (a miss), never pass one. ``want_checksum`` names the algorithm
+    whose checksum the object's stores will need (set by the engine before a
+    ``from_gpu`` when a tier below the CPU will store it; ``None``: none will, so a
+    writer need not compute one).
     """
 
     shape: torch.Size
@@ -90,6 +93,7 @@ class MemoryObjMetadata:
     fmt: MemoryFormat = MemoryFormat.UNDEFINED
     pin_count: int = 0
     payload_checksum: tuple[str, int] | None = None
+    want_checksum: str | None = None
 
 
 class MemoryObj(abc.ABC):

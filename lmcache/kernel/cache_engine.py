@@ -122,6 +122,7 @@ class LMCacheEngine:
         # tier also took makes room; when none did, the tail is dropped.
         hot = manager.hot_tier
         pinning = hot if isinstance(hot, SupportsPinning) else None
+        want_checksum = "sum64" if any(t is not hot for t in manager.tiers.values()) else None
         pinned: list[tuple[Any, bool]] = []  # (key, a lower tier has it), oldest first
         try:
             for i, (start, end, key) in enumerate(chunks):
@@ -143,8 +144,10 @@ class LMCacheEngine:
                     self._store_stopped(shape, i, len(chunks), bool(pinned))
                     break
                 try:
-                    # a connector that checksums the payload as it writes it says so here
+                    # a connector that checksums the payload as it writes it says so here,
+                    # when a tier below the CPU will need the checksum
                     obj.metadata.payload_checksum = None
+                    obj.metadata.want_checksum = want_checksum
                     connector.from_gpu(obj, start, end, **kwargs)
                     done, below = manager.put(key, obj, end - start)
                     for tier in done:

@@ -123,6 +123,9 @@ def test_the_gather_checksums_the_payload_as_it_copies(pages, n):
     alloc = HostMemoryAllocator(32 << 20)
     obj = alloc.allocate(conn.get_shape(n), g.dtype)
     conn.from_gpu(obj, 0, n, kvcaches=paged_cache(g, seed=1), slot_mapping=slots)
+    assert obj.metadata.payload_checksum is None  # nobody asked for it
+    obj.metadata.want_checksum = "sum64"
+    conn.from_gpu(obj, 0, n, kvcaches=paged_cache(g, seed=1), slot_mapping=slots)
     assert obj.metadata.payload_checksum == ("sum64", payload_checksum(obj.byte_array))
     obj.ref_count_down()
     blocks = VLLMCPUBlockConnector(3, 2, 64, 16)
@@ -131,6 +134,7 @@ def test_the_gather_checksums_the_payload_as_it_copies(pages, n):
     block_slots = (block_slots.repeat_interleave(16) * 16 + torch.arange(16).repeat(5))
     m = min(n, 80)
     obj = alloc.allocate(blocks.get_shape(m), torch.bfloat16)
+    obj.metadata.want_checksum = "sum64"
     blocks.from_gpu(obj, 0, m, kvcaches=caches, slot_mapping=block_slots)
     assert obj.metadata.payload_checksum == ("sum64", payload_checksum(obj.byte_array))
     obj.ref_count_down()

@@ -17,6 +17,7 @@ import operator
 import os
 import sys
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Literal
@@ -151,6 +152,9 @@ class Prefault:
         self.done = threading.Event()
         self.supported: bool | None = None  # None until the first slice answered
         self.populated = 0
+        #: Seconds from the start of the thread to its end (None until it ended).
+        self.seconds: float | None = None
+        self._started = time.monotonic()
         self._stop = threading.Event()
         weakref.finalize(owner, self.stop)
         self._thread = threading.Thread(target=self._run, args=(region,),
@@ -182,6 +186,7 @@ class Prefault:
         finally:
             del region  # the memory may go as soon as the allocator does
             _running.discard(self)
+            self.seconds = time.monotonic() - self._started
             self.done.set()
 
     def stop(self, wait: bool = False) -> None:

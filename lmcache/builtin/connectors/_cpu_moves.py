@@ -155,10 +155,13 @@ def gather_with_checksum(ops: Any, paged: list[torch.Tensor], dense: list[torch.
                           memory_obj: MemoryObj | None) -> None:
     """The row kernel's gather of ``paged`` rows into ``dense`` parts of ``mem`` (the
     memory object's whole payload), and the payload's ``sum64`` checksum computed from
-    the rows on the way, kept in ``memory_obj.metadata.payload_checksum`` (None when
-    the rows are not whole 8-byte words)."""
+    the rows on the way when ``memory_obj.metadata.want_checksum`` asks for it, kept in
+    ``memory_obj.metadata.payload_checksum`` (None when not asked, or when the rows are
+    not whole 8-byte words)."""
     nbytes = mem.numel() * mem.element_size()
-    whole_words = nbytes % 8 == 0 and all(
+    wanted = memory_obj is not None and getattr(
+        memory_obj.metadata, "want_checksum", None) == "sum64"
+    whole_words = wanted and nbytes % 8 == 0 and all(
         (d.shape[-1] * d.element_size()) % 8 == 0 for d in dense)
     a, b = ops.gather_rows(paged, dense, index, stream,
                            mem.data_ptr() if whole_words else -1)
