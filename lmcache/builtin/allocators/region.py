@@ -106,6 +106,7 @@ _MADV_POPULATE_WRITE = 23
 #: Bytes populated per system call: short, so that the call never holds the process's
 #: memory map for long (other threads' mmap/munmap wait for it) and `stop` is quick.
 _PREFAULT_SLICE = 4 << 20
+_THREAD_NAME = "lmcache-prefault"
 
 
 def _libc_madvise() -> Any:
@@ -158,7 +159,7 @@ class Prefault:
         self._stop = threading.Event()
         weakref.finalize(owner, self.stop)
         self._thread = threading.Thread(target=self._run, args=(region,),
-                                        name="lmcache-prefault", daemon=True)
+                                        name=_THREAD_NAME, daemon=True)
         _running.add(self)
         self._thread.start()
 
@@ -206,8 +207,11 @@ _running: weakref.WeakSet[Prefault] = weakref.WeakSet()
 def _stop_all_at_exit() -> None:
     for prefault in list(_running):
         prefault.stop()
-    for prefault in list(_running):
-        prefault.done.wait(5.0)
+    # every such thread still alive is joined, not just waited for: it frees the region
+    # on its way out, which must not overlap the interpreter's finalization
+    for thread in threading.enumerate():
+        if thread.name == _THREAD_NAME and thread is not threading.current_thread():
+            thread.join(5.0)
 
 
 def _start_prefault(region: torch.Tensor, mode: bool | str, owner: object
