@@ -475,6 +475,7 @@ class StorageManager:
         def ask(i: int) -> None:
             while i < len(below):
                 name, tier = below[i]
+                search.tier = name  # the tier a wait that ends too soon is blamed on
                 try:
                     future = tier.submit_prefetch_task(key)  # None: not stored
                 except Exception as exc:
