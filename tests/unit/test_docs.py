@@ -119,3 +119,30 @@ def test_included_sections_exist():
             if section and not section.isdigit():
                 assert f"--8<-- [start:{section}]" in text, (page, target)
                 assert f"--8<-- [end:{section}]" in text, (page, target)
+
+
+def test_a_broken_link_fails_the_docs_target(tmp_path):
+    """The docs build of `make test` can fail: the Makefile's own command, on a copy of the
+    tree whose index links to a page that does not exist."""
+    import shlex
+    import shutil
+
+    recipe = re.search(r"^docs:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert recipe, "the Makefile has no docs target"
+    command = recipe.group(1).replace("$(BIN)", str(Path(sys.executable).parent))
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "site", ".demo", ".lmcache", "__pycache__", "*.egg-info"))
+    env_words = shlex.split(command)
+    env = dict(os.environ)
+    while env_words and "=" in env_words[0] and not env_words[0].startswith("-"):
+        name, value = env_words.pop(0).split("=", 1)
+        env[name] = value
+    ok = subprocess.run(env_words, cwd=tree, env=env, capture_output=True, text=True,
+                        timeout=600)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    with open(tree / "docs/index.md", "a") as f:
+        f.write("\nSee [nowhere](no-such-page.md).\n")
+    broken = subprocess.run(env_words, cwd=tree, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert broken.returncode != 0 and "no-such-page.md" in broken.stdout + broken.stderr
