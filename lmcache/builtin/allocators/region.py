@@ -59,6 +59,7 @@ class PrefaultOptions(PluginOptions):
         "page-locked memory always is.",
     )
 
+
 def _reserve_region(size: int, *, pin_memory: bool = False, device: str = "cpu") -> torch.Tensor:
     # One extra alignment unit so that an aligned slice of round_down(size) bytes fits
     # wherever the region happens to start.
