@@ -21,6 +21,8 @@ logger = logging.getLogger("lmcache.server")
 
 DEFAULT_CPU_GB = 4.0
 DEFAULT_DISK_GB = 16.0
+#: ``--prefault`` as the allocators take it (`lmcache.builtin.allocators.region`).
+_PREFAULT_MODES = {"background": "background", "now": True, "off": False}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -52,8 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "this time once it has begun (default %(default)s s)")
     parser.add_argument("--stats-interval", type=float, default=60.0, metavar="S",
                         help="log the counters this often; 0: never (default %(default)s s)")
-    parser.add_argument("--prefault", action="store_true",
-                        help="touch the whole memory budget at start-up")
+    parser.add_argument("--prefault", nargs="?", const="now", default="background",
+                        choices=["background", "now", "off"],
+                        help="when the memory budget gets backed by memory: by a thread of "
+                        "idle priority after start-up (background, the default), before "
+                        "serving (now; --prefault alone), or on first use (off)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -84,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         store = ChunkStore(int(args.cpu_gb * 1024**3), args.disk,
-                           int(args.disk_gb * 1024**3), prefault=args.prefault)
+                           int(args.disk_gb * 1024**3),
+                           prefault=_PREFAULT_MODES[args.prefault])
     except (ValueError, OSError) as exc:
         print(f"lmcache server: {exc}", file=sys.stderr)
         return 2

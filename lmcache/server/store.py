@@ -70,7 +70,8 @@ def parse_name(name: bytes) -> CacheEngineKey:
 class _EvictingAllocator(HostMemoryAllocator):
     """The server's region, evicting least recently used values when it is full."""
 
-    def __init__(self, size: int, cpu: LocalCPUBackend, *, prefault: bool = False) -> None:
+    def __init__(self, size: int, cpu: LocalCPUBackend, *,
+                 prefault: bool | str = False) -> None:
         super().__init__(size, prefault=prefault)
         self.cpu = cpu
 
@@ -93,7 +94,7 @@ class ChunkStore:
     """
 
     def __init__(self, cpu_bytes: int, disk_path: str | None = None, disk_bytes: int = 0,
-                 *, prefault: bool = False) -> None:
+                 *, prefault: bool | str = False) -> None:
         if cpu_bytes <= 0:
             raise ValueError(f"the CPU budget must be > 0 bytes, got {cpu_bytes}")
         if disk_path is not None and disk_bytes <= 0:
@@ -180,3 +181,4 @@ class ChunkStore:
             self.disk.close()
             logger.info("disk tier closed in %.1f s", time.monotonic() - started)
         self.cpu.close()
+        self.memory.close()  # stops the region's prefault, if one is running

@@ -91,3 +91,15 @@ def test_kernels_build_reports_where_they_are():
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, "LMCACHE_CPU_KERNELS": "0"})
     assert off.returncode == 1 and "turned off" in off.stdout
+
+
+@pytest.mark.parametrize("argv, mode", [([], "background"), (["--prefault"], True),
+                                        (["--prefault", "now"], True),
+                                        (["--prefault", "off"], False),
+                                        (["--prefault", "background"], "background")])
+def test_server_prefault_modes(argv, mode):
+    from lmcache.cli import build_parser
+    from lmcache.server.main import _PREFAULT_MODES
+
+    args = build_parser().parse_args(["server", "127.0.0.1", "9", *argv])
+    assert _PREFAULT_MODES[args.prefault] == mode
