@@ -75,11 +75,11 @@ class MemoryObjMetadata:
     ``address`` is the offset of the payload in the allocator's region and ``phy_size``
     the bytes reserved there (the payload rounded up to the allocator's alignment).
     ``pin_count`` counts outstanding `MemoryObj.pin` calls. ``payload_checksum`` is
-    ``(algorithm, value)`` of the payload when the code that last wrote it computed it
-    on the way (a connector's ``from_gpu``, a tier that verified what it read), so that
-    storing the object need not read it again to checksum it; whoever writes the
-    payload otherwise sets it to ``None``. A stale value can only make a stored copy
-    fail its check (a miss), never pass one. ``want_checksum`` names the algorithm
+    ``(algorithm, value)`` of the payload when the code that wrote it computed it on the
+    way (a connector's ``from_gpu`` during a store), so that storing the object need
+    not read it again to checksum it; code that changes the payload of an object that
+    carries one sets it to ``None``. A stale value can only make a stored copy fail its
+    check (a miss), never pass one. Objects that tiers read back carry none. ``want_checksum`` names the algorithm
     whose checksum the object's stores will need (set by the engine before a
     ``from_gpu`` when a tier below the CPU will store it; ``None``: none will, so a
     writer need not compute one).

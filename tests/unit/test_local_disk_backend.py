@@ -794,16 +794,18 @@ def test_a_known_checksum_is_not_computed_again(open_backend, allocator, monkeyp
     assert load(backend, key(2)) is None  # a stale checksum: a miss, never wrong data
 
 
-def test_a_chunk_read_and_verified_carries_its_checksum(backend, allocator):
-    # so that storing it again (a promotion, another tier) does not checksum it again
-    from lmcache.kits.checksum import payload_checksum
-
-    store(backend, allocator, key(1), 1, shape=KV_SHAPE, dtype=torch.float32)
+def test_a_chunk_read_changed_and_stored_again_is_the_changed_chunk(backend, allocator):
+    # An object a tier returned carries no checksum of its own (a caller may change its
+    # payload, as tests and tools do): stored again, it is checksummed anew and loads.
+    expected = store(backend, allocator, key(1), 1, shape=KV_SHAPE, dtype=torch.float32)
     obj = backend.get_blocking(key(1))
-    try:
-        assert obj.metadata.payload_checksum == ("sum64", payload_checksum(obj.byte_array))
-    finally:
-        obj.ref_count_down()
+    assert obj.metadata.payload_checksum is None
+    obj.tensor.zero_()
+    assert backend.remove(key(1))
+    assert backend.submit_put_task(key(1), obj).result(timeout=30)
+    obj.ref_count_down()
+    zeros = load(backend, key(1))
+    assert zeros is not None and zeros != expected
 
 
 def test_a_file_truncated_while_being_read(backend, allocator, monkeypatch):

@@ -191,9 +191,6 @@ class LocalFiles:
                 )
                 if digest != header.checksum:
                     raise Miss("checksum mismatch")
-                # verified: a later store of this object (a promotion, another tier)
-                # need not checksum it again
-                obj.metadata.payload_checksum = (header.checksum_algorithm, digest)
             except BaseException:
                 obj.ref_count_down()
                 raise
@@ -336,7 +333,6 @@ class FsspecFiles:
             payload[:] = view[HEADER_SIZE:]
             if not verify_payload(header, payload):
                 raise Miss("checksum mismatch")
-            obj.metadata.payload_checksum = (header.checksum_algorithm, header.checksum)
         except BaseException:
             obj.ref_count_down()
             raise
