@@ -79,10 +79,10 @@ class MemoryObjMetadata:
     way (a connector's ``from_gpu`` during a store), so that storing the object need
     not read it again to checksum it; code that changes the payload of an object that
     carries one sets it to ``None``. A stale value can only make a stored copy fail its
-    check (a miss), never pass one. Objects that tiers read back carry none. ``want_checksum`` names the algorithm
-    whose checksum the object's stores will need (set by the engine before a
-    ``from_gpu`` when a tier below the CPU will store it; ``None``: none will, so a
-    writer need not compute one).
+    check (a miss), never pass one. Objects that tiers read back carry none.
+    ``want_checksum`` names the algorithm whose checksum the object's stores will need
+    (set by the engine before a ``from_gpu`` when a tier below the CPU will store it;
+    ``None``: none will, so a writer need not compute one).
     """
 
     shape: torch.Size
