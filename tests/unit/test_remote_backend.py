@@ -188,7 +188,7 @@ def test_redis_urls_need_the_redis_tier(remote, plugin_registry):
     table["storage_backend"].pop("redis", None)
     for scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix"):
         table["url_scheme"].pop(scheme, None)
-    with pytest.raises(ImportError, match="pip install lmcache-redis"):
+    with pytest.raises(ImportError, match="pip install -e plugins/lmcache-redis"):
         remote("redis://localhost:6379")
     with pytest.raises(ValueError, match="fsspec URLs only"):
         remote("lm://h:1", storage_options={"key": "x"})
@@ -201,7 +201,7 @@ def test_s3_url_without_s3fs_names_the_extra(monkeypatch, remote):
     monkeypatch.setitem(sys.modules, "s3fs", None)
     for protocol in ("s3", "s3a"):
         monkeypatch.delitem(implementations, protocol, raising=False)
-    with pytest.raises(ImportError, match=r"lmcache\[s3\]"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[s3\]'"):
         remote("s3://bucket/prefix")
 
 

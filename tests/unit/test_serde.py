@@ -184,7 +184,7 @@ def test_damaged_values_are_misses_never_exceptions(name, data):
 
 def test_missing_zstandard_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "zstandard", None)
-    with pytest.raises(ImportError, match=r"pip install 'lmcache\[zstd\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[zstd\]'"):
         ZstdSerde()
 
 

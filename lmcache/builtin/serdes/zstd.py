@@ -62,8 +62,8 @@ def _import_zstandard() -> Any:
         import zstandard
     except ImportError as exc:
         raise ImportError(
-            "the 'zstd' serde needs the zstandard module: pip install 'lmcache[zstd]' "
-            "(or pip install zstandard)") from exc
+            "the 'zstd' serde needs the zstandard module: pip install -e '.[zstd]' in the "
+            "lmcache checkout (or pip install zstandard)") from exc
     return zstandard
 
 

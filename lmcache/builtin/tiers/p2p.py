@@ -97,8 +97,9 @@ class PeerIndex:
         try:
             import redis
         except ImportError as exc:
-            raise ImportError("enable_p2p needs redis-py for its index: pip install "
-                              "'lmcache[p2p]' (or pip install redis)") from exc
+            raise ImportError("enable_p2p needs redis-py for its index: pip install -e "
+                              "'.[p2p]' in the lmcache checkout (or pip install redis)"
+                              ) from exc
         url = lookup_url if "://" in lookup_url else f"redis://{lookup_url}"
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s,
                                            socket_connect_timeout=timeout_s,

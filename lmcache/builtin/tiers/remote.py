@@ -24,8 +24,8 @@ from lmcache.utils import Buffer
 
 __all__ = ["INSTALL_HINTS", "FsspecTransport", "RemoteStorageBackend"]
 
-_REDIS_HINT = ("the redis tier: pip install lmcache-redis (from a source checkout: "
-               "pip install -e plugins/lmcache-redis)")
+_REDIS_HINT = ("the redis tier: pip install -e plugins/lmcache-redis, in the lmcache "
+               "checkout (the package index has no lmcache-redis)")
 #: Schemes served by distributions that may not be installed: scheme → what to install.
 #: Only for the error message; which backend serves a scheme is the registry's
 #: ``url_scheme`` table.
@@ -77,7 +77,7 @@ class FsspecTransport(RemoteTransport):
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **options)
         except ImportError as exc:
-            extra = " (pip install 'lmcache[s3]')" if s3 else ""
+            extra = " (pip install -e '.[s3]' in the lmcache checkout)" if s3 else ""
             raise ImportError(f"the remote tier {redact_url(url)} needs an fsspec "
                               f"implementation of {protocol!r}: {exc}{extra}") from exc
         if retries is not None and hasattr(self.fs, "retries"):
@@ -151,7 +151,7 @@ class RemoteStorageBackend(RemoteBackend):
     with the options given here (``lm://`` the ``lm`` tier, the cache server;
     ``redis://``, ``rediss://``, ``redis+cluster://`` and ``unix://`` the ``redis`` tier
     of ``lmcache-redis``); anything else is an fsspec URL served by `FsspecTransport`
-    (``s3://`` needs s3fs: ``pip install 'lmcache[s3]'``).
+    (``s3://`` needs s3fs: ``pip install -e '.[s3]'`` in the lmcache checkout).
     """
 
     class Options(RemoteOptions):
